@@ -1,0 +1,328 @@
+"""The text risk model at run time: artefact loading and verification, the ONNX Runtime session,
+batched classification, and the combination with the safety net.
+
+Run time needs only numpy, onnxruntime and pyyaml. The artefact (cds/nlp/model/) is model.onnx plus
+manifest.json holding the sha256 of model.onnx, the feature config, the output heads, the decision
+thresholds (chosen on validation data by ``cds model train``) and the training summary and metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cds.domain import FLAG_HARM_TO_OTHERS, FLAG_VICTIMISATION, Evidence, RiskTier, Signal
+from cds.errors import InputError, ModelError
+from cds.nlp.features import FeatureConfig, featurise, ngram_spans
+from cds.nlp.safety_net import LEXICON_DIR, SafetyNetResult, lexicons, result_from_hits, scan_hits
+from cds.nlp.text import detect_lang
+
+MODEL_DIR = Path(__file__).resolve().parent / "model"
+DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+TIER_HEADS = ("ge_low", "ge_moderate", "ge_high", "ge_imminent")  # P(tier >= k), k = low..imminent
+FLAG_HEADS = ("harm_to_others", "victimisation")
+HEADS = TIER_HEADS + FLAG_HEADS
+BATCH = 256
+MODEL_EVIDENCE_KIND = "model_cue"  # an n-gram that pushed the model towards its tier
+MODEL_EVIDENCE_MAX = 3
+CONTEXT_MESSAGES = 10  # messages the model reads together in a conversation window
+
+
+@dataclass(frozen=True)
+class TextResult:
+    """The text risk verdict for one message (or one conversation).
+
+    ``probability`` is the model's calibrated P(tier >= low): the chance that the text expresses any
+    suicide / self-harm risk (Platt-calibrated on validation data); the safety net does not change it.
+    ``tier`` is max(model tier, safety-net tier). Evidence offsets are into the original text; for a
+    conversation each Evidence has ``ref="#<message index>"`` and offsets into that message.
+    """
+
+    tier: RiskTier
+    probability: float
+    harm_to_others: bool
+    victimisation: bool
+    evidence: tuple[Evidence, ...]
+    lang: str
+    model_tier: RiskTier
+    safety_net_tier: RiskTier | None
+    model_source: str = ""  # "model:<sha256[:12]>"
+    safety_net_kinds: tuple[str, ...] = ()
+    safety_net_source: str = ""  # "lexicon:zh@1.0.0" (comma-separated when both lexicons fired)
+
+    def signals(self, source_ref: str) -> tuple[Signal, ...]:
+        """Signals for the triage rules; every Evidence gets ``ref=source_ref`` (plus its own
+        ``#<message index>`` suffix for a conversation)."""
+        ev = tuple(Evidence(start=e.start, end=e.end, kind=e.kind, ref=source_ref + e.ref, source=e.source,
+                            text=e.text) for e in self.evidence)
+        src = self.model_source
+        out = [
+            Signal(name="text.tier", value=self.tier.label, source=src, tier=self.tier, evidence=ev),
+            Signal(name="text.probability", value=round(self.probability, 4), source=src),
+            Signal(name=f"text.{FLAG_HARM_TO_OTHERS}", value=self.harm_to_others, source=src,
+                   evidence=tuple(e for e in ev if e.kind == "aggression")),
+            Signal(name=f"text.{FLAG_VICTIMISATION}", value=self.victimisation, source=src,
+                   evidence=tuple(e for e in ev if e.kind == "victimisation")),
+        ]
+        if self.safety_net_kinds:
+            out.append(Signal(name="text.safety_net", value=list(self.safety_net_kinds),
+                              source=self.safety_net_source, tier=self.safety_net_tier,
+                              evidence=tuple(e for e in ev if e.source.startswith("lexicon:"))))
+        return tuple(out)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tier": self.tier.label, "probability": round(self.probability, 4),
+                "harm_to_others": self.harm_to_others, "victimisation": self.victimisation,
+                "lang": self.lang, "model_tier": self.model_tier.label,
+                "safety_net_tier": self.safety_net_tier.label if self.safety_net_tier is not None else None,
+                "safety_net_kinds": list(self.safety_net_kinds),
+                "evidence": [e.to_json() for e in self.evidence]}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelError(f"text model manifest {path} is missing; run `cds model train`") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"text model manifest {path} is corrupt: {exc}") from exc
+    for key in ("sha256", "features", "heads", "thresholds", "version"):
+        if key not in manifest:
+            raise ModelError(f"text model manifest {path} lacks {key!r}")
+    return dict(manifest)
+
+
+def tier_from_probs(p: npt.NDArray[np.float32], thresholds: Mapping[str, float]) -> RiskTier:
+    """Highest tier k whose P(tier >= k) reaches its threshold (recall first: any head may raise it)."""
+    tier = RiskTier.NONE
+    for k, head in enumerate(TIER_HEADS, start=1):
+        if p[k - 1] >= thresholds[head]:
+            tier = RiskTier(k)
+    return tier
+
+
+CAP_MAX_CHARS = 40  # the cap below applies to short single-statement messages only
+
+
+def capped_model_tier(model_tier: RiskTier, sn: SafetyNetResult, length: int) -> RiskTier:
+    """The model tier as it enters the final max: capped at LOW when the safety net explains the
+    risk words away - every suicidal match it found was negated, idiomatic, third/second person or
+    quoted ("我不想死", "笑死我了", "this homework is killing me", "my friend wants to die"), or it
+    found only aggression/victimisation ("I want to kill him"). Character n-grams cannot see
+    negation or idiom; the lexicon can. A lexicon-counted suicidal match lifts the cap, and so does
+    length: in a text longer than CAP_MAX_CHARS one explained-away phrase does not explain the rest."""
+    if model_tier <= RiskTier.LOW or sn.tier is not None or length > CAP_MAX_CHARS:
+        return model_tier
+    explained = any(h.kind in ("aggression", "victimisation") and h.counted for h in sn.hits) or any(
+        not h.counted and h.status != "no_context" and h.kind != "timing" for h in sn.hits)
+    return RiskTier.LOW if explained else model_tier
+
+
+class TextRiskModel:
+    """ONNX text risk model + safety net. Thread-safe for concurrent ``classify`` calls."""
+
+    def __init__(self, session: Any, manifest: Mapping[str, Any], model_dir: Path,
+                 lexicon_dir: Path = LEXICON_DIR) -> None:
+        self._session = session
+        self.manifest = manifest
+        self.model_dir = model_dir
+        self.sha256: str = str(manifest["sha256"])
+        self.version: str = str(manifest["version"])
+        self.features = FeatureConfig.from_json(manifest["features"])
+        self.heads: tuple[str, ...] = tuple(manifest["heads"])
+        if self.heads != HEADS:
+            raise ModelError(f"text model heads {self.heads} do not match this code's {HEADS}")
+        self.thresholds: Mapping[str, Any] = manifest["thresholds"]
+        self.provider: str = str(session.get_providers()[0])
+        self.source = f"model:{self.sha256[:12]}"
+        self.lexicon_dir = lexicon_dir
+        lexicons(lexicon_dir)  # fail at load, not at the first message
+
+    @classmethod
+    def load(cls, model_dir: Path | None = None, providers: Sequence[str] | None = None) -> TextRiskModel:
+        """Load and verify the artefact; ask for CUDA then CPU (only those onnxruntime offers)."""
+        model_dir = Path(model_dir) if model_dir is not None else MODEL_DIR
+        manifest = read_manifest(model_dir)
+        onnx_path = model_dir / "model.onnx"
+        if not onnx_path.is_file():
+            raise ModelError(f"text model {onnx_path} is missing; run `cds model train`")
+        actual = sha256_file(onnx_path)
+        if actual != manifest["sha256"]:
+            raise ModelError(f"text model {onnx_path} does not match its manifest: sha256 {actual} "
+                             f"!= {manifest['sha256']} (corrupt or replaced file)")
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ModelError("onnxruntime is not installed (pip install 'psych-cds[cpu]' or '[gpu]')") from exc
+        available = set(ort.get_available_providers())
+        wanted = [p for p in (providers or DEFAULT_PROVIDERS) if p in available] or ["CPUExecutionProvider"]
+        try:
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=wanted)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ModelError(f"text model {onnx_path} cannot be loaded by onnxruntime: {exc}") from exc
+        return cls(session, manifest, model_dir)
+
+    # -- model only -------------------------------------------------------------------------
+    def predict_proba(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Head probabilities [n, len(HEADS)], tier heads made monotone (P(>=k+1) <= P(>=k))."""
+        probs, _ = self._run(texts, want_contrib=False)
+        return probs
+
+    def _run(self, texts: Sequence[str], want_contrib: bool) -> tuple[npt.NDArray[np.float32], list[Any]]:
+        outs: list[npt.NDArray[np.float32]] = []
+        contribs: list[Any] = []
+        names = ["probs", "contrib"] if want_contrib else ["probs"]
+        for i in range(0, len(texts), BATCH):
+            chunk = texts[i:i + BATCH]
+            ids, tf = featurise(chunk, self.features)
+            res = self._session.run(names, {"ids": ids, "tf": tf})
+            outs.append(res[0])
+            if want_contrib:
+                contribs += [(ids[r], res[1][r]) for r in range(len(chunk))]
+        probs = np.concatenate(outs, axis=0) if outs else np.zeros((0, len(HEADS)), np.float32)
+        probs[:, :4] = np.minimum.accumulate(probs[:, :4], axis=1)
+        return probs, contribs
+
+    def _model_evidence(self, text: str, ids: npt.NDArray[np.int64], contrib: npt.NDArray[np.float32],
+                        head: int) -> list[Evidence]:
+        c = contrib[:, head]
+        order = [int(j) for j in np.argsort(-c) if c[j] > 0][: MODEL_EVIDENCE_MAX * 4]
+        wanted = {int(ids[j]) for j in order}
+        if not wanted:
+            return []
+        rank = {int(ids[j]): r for r, j in enumerate(order)}
+        spans = sorted(ngram_spans(text, self.features, wanted), key=lambda s: (rank[s[2]], s[0]))
+        chosen: list[tuple[int, int]] = []
+        for s, e, _ in spans:
+            if any(s < ce and cs < e for cs, ce in chosen):
+                continue
+            chosen.append((s, e))
+            if len(chosen) == MODEL_EVIDENCE_MAX:
+                break
+        return [Evidence(start=s, end=e, kind=MODEL_EVIDENCE_KIND, source=self.source, text=text[s:e])
+                for s, e in sorted(chosen)]
+
+    # -- model + safety net ------------------------------------------------------------------
+    def _thresholds_for(self, lang: str) -> Mapping[str, float]:
+        th = self.thresholds
+        return th.get(lang) or th["default"]  # type: ignore[no-any-return]
+
+    def classify(self, texts: Sequence[str], langs: Sequence[str | None] | None = None) -> list[TextResult]:
+        """Classify a batch of messages. Any length works: the model reads the first and last
+        ``max_chars/2`` characters, the safety net scans the whole text."""
+        if isinstance(texts, str):
+            raise InputError("classify() takes a sequence of texts, not one string")
+        if langs is not None and len(langs) != len(texts):
+            raise InputError(f"classify(): {len(texts)} texts but {len(langs)} langs")
+        texts = [t if isinstance(t, str) else "" for t in texts]
+        probs, contribs = self._run(texts, want_contrib=True)
+        out: list[TextResult] = []
+        for i, text in enumerate(texts):
+            given = langs[i] if langs is not None else None
+            lang = given if given in ("zh", "en") else detect_lang(text)
+            sn = self._scan(text, lang)
+            out.append(self._result(text, lang, probs[i], sn, contribs[i]))
+        return out
+
+    def _scan(self, text: str, lang: str) -> SafetyNetResult:
+        hits = scan_hits(text, lang, self.lexicon_dir)
+        return result_from_hits(text, hits, sorted({h.lexicon for h in hits}))
+
+    def _result(self, text: str, lang: str, p: npt.NDArray[np.float32], sn: SafetyNetResult,
+                contrib: tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]] | None) -> TextResult:
+        th = self._thresholds_for(lang)
+        if not text.strip():
+            model_tier, prob, harm, victim = RiskTier.NONE, 0.0, False, False
+        else:
+            model_tier = tier_from_probs(p, th)
+            prob = float(p[0])
+            harm = bool(p[4] >= th["harm_to_others"])
+            victim = bool(p[5] >= th["victimisation"])
+        evidence = list(sn.evidence)
+        if contrib is not None and text.strip():
+            if model_tier > RiskTier.NONE:
+                evidence += self._model_evidence(text, contrib[0], contrib[1], int(model_tier) - 1)
+            elif harm:
+                evidence += self._model_evidence(text, contrib[0], contrib[1], 4)
+        evidence.sort(key=lambda e: (e.start, e.end, e.kind))
+        tier = max(capped_model_tier(model_tier, sn, len(text)), sn.tier) if sn.tier is not None \
+            else capped_model_tier(model_tier, sn, len(text))
+        return TextResult(tier=tier, probability=prob, harm_to_others=harm or sn.harm_to_others,
+                          victimisation=victim or sn.victimisation, evidence=tuple(evidence), lang=lang,
+                          model_tier=model_tier, safety_net_tier=sn.tier, model_source=self.source,
+                          safety_net_kinds=sn.kinds, safety_net_source=",".join(sn.lexicons))
+
+    def assess_conversation(self, messages: Sequence[str], lang: str | None = None) -> TextResult:
+        """Consecutive messages of one patient's episode, assessed together.
+
+        tier = max(each message alone, the model on every window of up to CONTEXT_MESSAGES consecutive
+        messages ending at each message, the safety net on the whole conversation joined by newlines).
+        So context across messages counts ("the pills" ... "I bought them today"), and appending a
+        message can only add terms to that max: a later "I was joking" never lowers the tier.
+        probability = the highest of the message and window probabilities. Evidence offsets are into
+        each message, with ``ref="#<index>"``.
+        """
+        if isinstance(messages, str):
+            raise InputError("assess_conversation() takes a sequence of messages, not one string")
+        messages = [m if isinstance(m, str) else "" for m in messages]
+        if not messages:
+            return self.classify([""])[0]
+        joint = "\n".join(messages)
+        conv_lang = lang if lang in ("zh", "en") else detect_lang(joint)
+        per = self.classify(messages, [conv_lang] * len(messages))
+        windows = ["\n".join(messages[max(0, i - CONTEXT_MESSAGES + 1):i + 1]) for i in range(1, len(messages))]
+        th = self._thresholds_for(conv_lang)
+        win_probs = self.predict_proba(windows) if windows else np.zeros((0, len(HEADS)), np.float32)
+        win_tiers = [tier_from_probs(p, th) for p, w in zip(win_probs, windows) if w.strip()]
+        sn = self._scan(joint, conv_lang)
+
+        starts: list[int] = []
+        pos = 0
+        for m in messages:
+            starts.append(pos)
+            pos += len(m) + 1
+        evidence: dict[tuple[int, int, int, str], Evidence] = {}
+        for i, r in enumerate(per):
+            for e in r.evidence:
+                evidence[(i, e.start, e.end, e.kind)] = Evidence(e.start, e.end, e.kind, f"#{i}", e.source, e.text)
+        # The joint scan adds what only context shows; its spans are mapped back into their message.
+        for e in sn.evidence:
+            i = max(j for j, s0 in enumerate(starts) if s0 <= e.start)
+            s0, e0 = e.start - starts[i], min(e.end - starts[i], len(messages[i]))
+            if e0 > s0:
+                evidence.setdefault((i, s0, e0, e.kind),
+                                    Evidence(s0, e0, e.kind, f"#{i}", e.source, messages[i][s0:e0]))
+        model_tier = max([r.model_tier for r in per] + win_tiers)
+        sn_tiers = [t for t in [r.safety_net_tier for r in per] + [sn.tier] if t is not None]
+        sn_tier = max(sn_tiers) if sn_tiers else None
+        tier = max(model_tier, sn_tier) if sn_tier is not None else model_tier
+        win_max = win_probs.max(axis=0) if len(win_probs) else np.zeros(len(HEADS), np.float32)
+        kinds = sorted({k for r in per for k in r.safety_net_kinds} | set(sn.kinds))
+        sources = sorted({s for r in per for s in r.safety_net_source.split(",") if s} | set(sn.lexicons))
+        return TextResult(
+            tier=tier, probability=max([r.probability for r in per] + [float(win_max[0])]),
+            harm_to_others=any(r.harm_to_others for r in per) or sn.harm_to_others
+            or bool(win_max[4] >= th["harm_to_others"]),
+            victimisation=any(r.victimisation for r in per) or sn.victimisation
+            or bool(win_max[5] >= th["victimisation"]),
+            evidence=tuple(sorted(evidence.values(), key=lambda e: (int(e.ref[1:]), e.start, e.end, e.kind))),
+            lang=conv_lang, model_tier=model_tier, safety_net_tier=sn_tier, model_source=self.source,
+            safety_net_kinds=tuple(kinds), safety_net_source=",".join(sources))

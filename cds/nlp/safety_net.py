@@ -1,0 +1,382 @@
+"""Safety-net lexicon: explicit statements of intent, plan, means, timing, farewell and preparatory
+acts that set a floor under the model's tier, in Chinese and English.
+
+The lexicons are data (rules/lexicons/{zh,en}.yaml, each with id + version); this module only loads,
+validates and applies them. A pattern match is *counted* unless a discount applies (negation, a third-
+or second-person subject, quotation, an idiom) or, for ``context: true`` patterns, unless it lies near a
+counted suicidal anchor. Counted matches become Evidence spans with offsets into the original text.
+
+Tier of a scan (None when nothing suicidal was counted):
+  max(tier of every counted pattern), raised to IMMINENT when means and timing are both counted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cds.domain import Evidence, RiskTier
+from cds.errors import RulesError
+from cds.nlp.text import detect_lang, has_cjk, has_latin, normalise
+
+LEXICON_DIR = Path(__file__).resolve().parents[2] / "rules" / "lexicons"
+LANGS = ("zh", "en")
+SUICIDAL_KINDS = frozenset({"ideation", "plan", "means", "timing", "prior_attempt", "self_harm",
+                            "preparatory_act", "farewell"})
+ANCHOR_KINDS = SUICIDAL_KINDS - {"timing"}
+KINDS = SUICIDAL_KINDS | {"aggression", "victimisation"}
+DISCOUNTS = ("negation", "subject", "quotation", "idiom")
+FLAGS = ("harm_to_others", "victimisation")
+
+# Quote pairs; ASCII '"' toggles. Checked within the line only (posts are joined with newlines).
+_SENTENCE_BREAKS = re.compile(r"[。！？!?；;\n]|[.](?=\s|$)")
+_QUOTE_PAIRS = (("“", "”"), ("「", "」"), ("『", "』"), ("《", "》"), ("〈", "〉"))
+
+
+@dataclass(frozen=True)
+class Pattern:
+    id: str
+    kind: str
+    regex: re.Pattern[str]
+    tier: RiskTier | None
+    flag: str | None
+    context: bool
+    discount: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    id: str
+    version: str
+    lang: str
+    title: str
+    patterns: tuple[Pattern, ...]
+    idioms: tuple[re.Pattern[str], ...]
+    negation_cues: re.Pattern[str]
+    negation_breaks: re.Pattern[str]
+    clause_breaks: re.Pattern[str]
+    first_person: re.Pattern[str]
+    second_person: re.Pattern[str]
+    third_person: re.Pattern[str]
+    negation_window: int
+    context_window: int
+
+    @property
+    def ref(self) -> str:
+        return f"lexicon:{self.lang}@{self.version}"
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One pattern match and what became of it (``status`` "counted" or the discount that applied)."""
+
+    start: int
+    end: int
+    kind: str
+    pattern_id: str
+    status: str  # counted | negation | third_person | second_person | quotation | idiom | no_context
+    lexicon: str  # lexicon ref, e.g. "lexicon:zh@1.0.0"
+    tier: RiskTier | None = None
+    flag: str | None = None
+
+    @property
+    def counted(self) -> bool:
+        return self.status == "counted"
+
+
+@dataclass(frozen=True)
+class SafetyNetResult:
+    tier: RiskTier | None  # None: nothing suicidal counted
+    kinds: tuple[str, ...]  # counted kinds, sorted
+    evidence: tuple[Evidence, ...]  # counted hits, in text order (ref empty; source = lexicon ref)
+    hits: tuple[Hit, ...]  # every match, counted or discounted (for explanation and tests)
+    harm_to_others: bool
+    victimisation: bool
+    lexicons: tuple[str, ...]  # refs of the lexicons applied
+
+    @property
+    def fired(self) -> bool:
+        return bool(self.evidence)
+
+
+def _compile(expr: Any, where: str) -> re.Pattern[str]:
+    if not isinstance(expr, str) or not expr:
+        raise RulesError(f"{where}: expected a non-empty regular expression")
+    try:
+        return re.compile(expr)
+    except re.error as exc:
+        raise RulesError(f"{where}: invalid regular expression: {exc}") from exc
+
+
+def parse_lexicon(data: Mapping[str, Any], where: str = "lexicon") -> Lexicon:
+    """Validate a lexicon document; raises RulesError naming the first problem."""
+    for key in ("id", "version", "lang", "patterns", "subjects", "negation_cues", "negation_breaks",
+                "clause_breaks"):
+        if key not in data:
+            raise RulesError(f"{where}: missing required key {key!r}")
+    if data["lang"] not in LANGS:
+        raise RulesError(f"{where}: lang must be one of {LANGS}, got {data['lang']!r}")
+    if not re.fullmatch(r"\d+\.\d+\.\d+", str(data["version"])):
+        raise RulesError(f"{where}: version must be semantic (1.2.3), got {data['version']!r}")
+    settings = data.get("settings") or {}
+    patterns: list[Pattern] = []
+    seen: set[str] = set()
+    for i, p in enumerate(data["patterns"]):
+        pw = f"{where}: patterns[{i}]"
+        if not isinstance(p, Mapping) or "id" not in p or "kind" not in p or "regex" not in p:
+            raise RulesError(f"{pw}: each pattern needs id, kind and regex")
+        pid = str(p["id"])
+        if pid in seen:
+            raise RulesError(f"{pw}: duplicate pattern id {pid!r}")
+        seen.add(pid)
+        kind = str(p["kind"])
+        if kind not in KINDS:
+            raise RulesError(f"{pw} ({pid}): unknown kind {kind!r}; expected one of {sorted(KINDS)}")
+        tier = RiskTier.from_label(str(p["tier"])) if p.get("tier") else None
+        flag = p.get("flag")
+        if flag is not None and flag not in FLAGS:
+            raise RulesError(f"{pw} ({pid}): unknown flag {flag!r}")
+        if (kind in SUICIDAL_KINDS) != (tier is not None):
+            raise RulesError(f"{pw} ({pid}): suicidal kinds need a tier, flag kinds must not have one")
+        if tier is None and flag is None:
+            raise RulesError(f"{pw} ({pid}): pattern sets neither a tier nor a flag")
+        discount = frozenset(p.get("discount", DISCOUNTS))
+        if not discount <= set(DISCOUNTS):
+            raise RulesError(f"{pw} ({pid}): unknown discount in {sorted(discount)}")
+        patterns.append(Pattern(id=pid, kind=kind, regex=_compile(p["regex"], f"{pw} ({pid})"), tier=tier,
+                                flag=flag, context=bool(p.get("context", False)), discount=discount))
+    subjects = data["subjects"]
+    return Lexicon(
+        id=str(data["id"]), version=str(data["version"]), lang=str(data["lang"]), title=str(data.get("title", "")),
+        patterns=tuple(patterns),
+        idioms=tuple(_compile(x, f"{where}: idioms[{i}]") for i, x in enumerate(data.get("idioms") or ())),
+        negation_cues=_compile(data["negation_cues"], f"{where}: negation_cues"),
+        negation_breaks=_compile(data["negation_breaks"], f"{where}: negation_breaks"),
+        clause_breaks=_compile(data["clause_breaks"], f"{where}: clause_breaks"),
+        first_person=_compile(subjects.get("first"), f"{where}: subjects.first"),
+        second_person=_compile(subjects.get("second"), f"{where}: subjects.second"),
+        third_person=_compile(subjects.get("third"), f"{where}: subjects.third"),
+        negation_window=int(settings.get("negation_window", 20)),
+        context_window=int(settings.get("context_window", 200)),
+    )
+
+
+def load_lexicon(path: Path) -> Lexicon:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise RulesError(f"safety-net lexicon {path} not found") from exc
+    except yaml.YAMLError as exc:
+        raise RulesError(f"safety-net lexicon {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise RulesError(f"safety-net lexicon {path}: expected a mapping at the top level")
+    return parse_lexicon(data, where=str(path))
+
+
+@lru_cache(maxsize=8)
+def lexicons(lexicon_dir: Path = LEXICON_DIR) -> dict[str, Lexicon]:
+    """The zh and en lexicons (loaded once per directory)."""
+    out = {lang: load_lexicon(lexicon_dir / f"{lang}.yaml") for lang in LANGS}
+    for lang, lex in out.items():
+        if lex.lang != lang:
+            raise RulesError(f"{lexicon_dir / (lang + '.yaml')}: declares lang {lex.lang!r}")
+    return out
+
+
+class _Doc:
+    """A normalised text with the break positions each check needs, computed once per scan."""
+
+    def __init__(self, norm: str, lex: Lexicon) -> None:
+        self.norm = norm
+        self.clause_ends = [m.end() for m in lex.clause_breaks.finditer(norm)]
+        self.neg_ends = [m.end() for m in lex.negation_breaks.finditer(norm)]
+        self.sentence_ends = [m.end() for m in _SENTENCE_BREAKS.finditer(norm)]
+
+    @staticmethod
+    def _start(ends: list[int], pos: int) -> int:
+        i = bisect.bisect_right(ends, pos) - 1
+        return ends[i] if i >= 0 else 0
+
+    def clause_start(self, pos: int) -> int:
+        return self._start(self.clause_ends, pos)
+
+    def sentence_start(self, pos: int) -> int:
+        return self._start(self.sentence_ends, pos)
+
+    def negation_start(self, pos: int) -> int:
+        return self._start(self.neg_ends, pos)
+
+
+def _last_subject(lex: Lexicon, prefix: str) -> str | None:
+    best: tuple[int, str] | None = None
+    for person, rx in (("first", lex.first_person), ("second", lex.second_person), ("third", lex.third_person)):
+        for m in rx.finditer(prefix):
+            if best is None or m.end() > best[0] or (m.end() == best[0] and person == "first"):
+                best = (m.end(), person)
+    return best[1] if best else None
+
+
+def _first_subject(lex: Lexicon, prefix: str) -> str | None:
+    """The reporting speaker: "I told my mum" -> first, "My mum told me" -> third."""
+    best: tuple[int, str] | None = None
+    for person, rx in (("first", lex.first_person), ("second", lex.second_person), ("third", lex.third_person)):
+        m = rx.search(prefix)
+        if m and (best is None or m.start() < best[0]):
+            best = (m.start(), person)
+    return best[1] if best else None
+
+
+def _negated(lex: Lexicon, doc: _Doc, start: int) -> bool:
+    lo = max(doc.negation_start(start), start - lex.negation_window)
+    window = doc.norm[lo:start]
+    cue = None
+    for m in lex.negation_cues.finditer(window):
+        cue = m
+    if cue is None:
+        return False
+    between = window[cue.end():]
+    # "I don't know, I want to die": a new first-person subject after the cue ends its scope.
+    return lex.first_person.search(between) is None
+
+
+def _quote_open(doc: _Doc, start: int) -> int:
+    """Position of the quotation mark that ``start`` lies inside (same line), or -1."""
+    line_start = doc.norm.rfind("\n", 0, start) + 1
+    line = doc.norm[line_start:start]
+    open_at = -1
+    if line.count('"') % 2 == 1:
+        open_at = line.rfind('"')
+    for o, c in _QUOTE_PAIRS:
+        if line.count(o) > line.count(c):
+            open_at = max(open_at, line.rfind(o))
+    return line_start + open_at if open_at >= 0 else -1
+
+
+def _status(lex: Lexicon, doc: _Doc, pat: Pattern, start: int, end: int,
+            idiom_spans: list[tuple[int, int]]) -> str:
+    if "idiom" in pat.discount and any(s < end and start < e for s, e in idiom_spans):
+        return "idiom"
+    open_at = _quote_open(doc, start) if "quotation" in pat.discount else -1
+    if open_at >= 0:
+        # 'I told her "I want to die"' / 我跟妈妈说“我想死”: the speaker quotes themself.
+        quoter = _first_subject(lex, doc.norm[max(doc.clause_start(open_at), open_at - 30):open_at])
+        if quoter != "first":
+            return "quotation"
+    if "subject" in pat.discount:
+        lo = open_at + 1 if open_at >= 0 else doc.clause_start(start)
+        subject = _last_subject(lex, doc.norm[lo:start])
+        if subject is None and open_at < 0:  # "我的一个朋友失恋了，要自杀": the subject may sit in an earlier clause
+            subject = _last_subject(lex, doc.norm[doc.sentence_start(start):start])
+        if subject == "third":
+            return "third_person"
+        if subject == "second":
+            return "second_person"
+    if "negation" in pat.discount and _negated(lex, doc, start):
+        return "negation"
+    return "counted"
+
+
+def _apply_context(hits: list[Hit], lexs: Mapping[str, Lexicon]) -> list[Hit]:
+    """A counted ``context: true`` hit stays counted only near a counted anchor of either lexicon."""
+    by_ref = {lx.ref: lx for lx in lexs.values()}
+    context_ids = {p.id for lx in lexs.values() for p in lx.patterns if p.context}
+    anchors = sorted(h.start for h in hits if h.counted and h.kind in ANCHOR_KINDS and h.pattern_id not in context_ids)
+    out: list[Hit] = []
+    for h in hits:
+        if h.counted and h.pattern_id in context_ids:
+            window = by_ref[h.lexicon].context_window
+            i = bisect.bisect_left(anchors, h.start - window)
+            if i >= len(anchors) or anchors[i] > h.end + window:
+                h = Hit(h.start, h.end, h.kind, h.pattern_id, "no_context", h.lexicon, h.tier, h.flag)
+        out.append(h)
+    return out
+
+
+def _scan_lexicon(lex: Lexicon, norm: str) -> list[Hit]:
+    doc = _Doc(norm, lex)
+    idiom_spans = [(m.start(), m.end()) for rx in lex.idioms for m in rx.finditer(norm)]
+    hits: list[Hit] = []
+    for pat in lex.patterns:
+        for m in pat.regex.finditer(norm):
+            if m.end() <= m.start():
+                continue
+            hits.append(Hit(start=m.start(), end=m.end(), kind=pat.kind, pattern_id=pat.id,
+                            status=_status(lex, doc, pat, m.start(), m.end(), idiom_spans),
+                            lexicon=lex.ref, tier=pat.tier, flag=pat.flag))
+    # Idioms are recorded too (never counted), so callers can tell "explained away" from "nothing found".
+    hits += [Hit(start=s0, end=e0, kind="idiom", pattern_id="idiom", status="idiom", lexicon=lex.ref)
+             for s0, e0 in sorted(set(idiom_spans))]
+    return hits
+
+
+def _dedupe(hits: list[Hit]) -> list[Hit]:
+    """Drop a counted hit contained in another counted hit of the same kind."""
+    counted = [h for h in hits if h.counted]
+    keep: list[Hit] = []
+    for h in hits:
+        if h.counted and any(o is not h and o.kind == h.kind and o.start <= h.start and h.end <= o.end
+                             and (o.end - o.start) > (h.end - h.start) for o in counted):
+            continue
+        keep.append(h)
+    seen: set[tuple[int, int, str, str]] = set()
+    out = []
+    for h in sorted(keep, key=lambda h: (h.start, h.end, h.kind, h.pattern_id)):
+        key = (h.start, h.end, h.kind, h.status)
+        if key not in seen:
+            seen.add(key)
+            out.append(h)
+    return out
+
+
+def tier_of(kinds: Sequence[str], hits: Sequence[Hit]) -> RiskTier | None:
+    tiers = [h.tier for h in hits if h.counted and h.tier is not None]
+    if not tiers:
+        return None
+    tier = max(tiers)
+    if "means" in kinds and "timing" in kinds:
+        tier = RiskTier.IMMINENT
+    return tier
+
+
+def scan_hits(text: str, lang: str | None = None, lexicon_dir: Path = LEXICON_DIR) -> list[Hit]:
+    """Every match of the lexicons that apply: the one for ``lang`` (or the detected language) and,
+    for mixed text, the other one too (Chinese characters -> zh lexicon, Latin letters -> en)."""
+    if not text:
+        return []
+    lex = lexicons(lexicon_dir)
+    primary = lang if lang in LANGS else detect_lang(text)
+    use = [primary]
+    other = "en" if primary == "zh" else "zh"
+    if (other == "zh" and has_cjk(text)) or (other == "en" and has_latin(text)):
+        use.append(other)
+    norm = normalise(text)
+    hits: list[Hit] = []
+    for code in use:
+        hits += _scan_lexicon(lex[code], norm)
+    return _dedupe(_apply_context(hits, lex))
+
+
+def result_from_hits(text: str, hits: Sequence[Hit], langs_used: Sequence[str]) -> SafetyNetResult:
+    counted = [h for h in hits if h.counted]
+    kinds = tuple(sorted({h.kind for h in counted}))
+    evidence = tuple(Evidence(start=h.start, end=h.end, kind=h.kind, source=h.lexicon, text=text[h.start:h.end])
+                     for h in counted)
+    return SafetyNetResult(tier=tier_of(kinds, counted), kinds=kinds, evidence=evidence, hits=tuple(hits),
+                           harm_to_others=any(h.flag == "harm_to_others" for h in counted),
+                           victimisation=any(h.flag == "victimisation" for h in counted),
+                           lexicons=tuple(sorted(set(langs_used))))
+
+
+def safety_net_scan(text: str, lang: str | None = None, lexicon_dir: Path = LEXICON_DIR) -> SafetyNetResult:
+    """Scan one text (any length: the whole text is scanned) with the safety-net lexicons."""
+    hits = scan_hits(text, lang, lexicon_dir)
+    lex = lexicons(lexicon_dir)
+    used = sorted({lx.ref for lx in lex.values() if any(h.lexicon == lx.ref for h in hits)})
+    return result_from_hits(text, hits, used)

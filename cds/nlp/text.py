@@ -1,0 +1,65 @@
+"""Text helpers shared by the featuriser and the safety net: length-preserving normalisation,
+script runs and language detection.
+
+Offsets everywhere in cds.nlp are Python ``str`` indices (Unicode code points), so a normalised
+string must have exactly the length of the original: ``normalise`` maps one character to one
+character and never changes length.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from functools import lru_cache
+
+# CJK unified ideographs (+ extension A, compatibility ideographs).
+CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+LATIN_WORD_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_CJK_CHAR_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN_CHAR_RE = re.compile(r"[A-Za-z]")
+
+# Apostrophe-like characters folded to "'" so "don’t" matches "don't".
+_APOSTROPHES = {"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\uff07": "'", "`": "'"}
+
+
+@lru_cache(maxsize=65536)
+def _fold_char(ch: str) -> str:
+    if ch in _APOSTROPHES:
+        return _APOSTROPHES[ch]
+    folded = unicodedata.normalize("NFKC", ch).lower()
+    if len(folded) == 1:
+        return folded
+    lowered = ch.lower()
+    return lowered if len(lowered) == 1 else ch
+
+
+def normalise(text: str) -> str:
+    """NFKC + lower case, character by character, so that ``len(normalise(t)) == len(t)``.
+
+    Full-width Latin letters and digits become ASCII, curly apostrophes become ``'``; characters whose
+    normal form is longer than one character (ligatures, "ß" folding) are only lower-cased.
+    """
+    if text.isascii():
+        return text.lower()
+    return "".join(_fold_char(ch) for ch in text)
+
+
+def detect_lang(text: str) -> str:
+    """``"zh"`` when Chinese characters carry the text, else ``"en"`` (also for empty text).
+
+    A Chinese character carries about as much as an English word, so one CJK character counts as
+    four Latin letters: "我今天feel very bad" is zh, "I said 你好 to her" is en.
+    """
+    n_cjk = len(_CJK_CHAR_RE.findall(text))
+    if n_cjk == 0:
+        return "en"
+    n_latin = len(_LATIN_CHAR_RE.findall(text))
+    return "zh" if n_cjk * 4 >= n_latin else "en"
+
+
+def has_cjk(text: str) -> bool:
+    return _CJK_CHAR_RE.search(text) is not None
+
+
+def has_latin(text: str) -> bool:
+    return _LATIN_CHAR_RE.search(text) is not None

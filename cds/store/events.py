@@ -1,0 +1,159 @@
+"""Inbound events (idempotent on source id + version) and the quarantine for bad input."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from cds.domain import Event
+from cds.errors import CryptoError
+from cds.store.cipher import Cipher, open_json, seal_json
+
+
+def event_aad(source: str, resource_type: str, resource_id: str, version_id: str) -> str:
+    return f"events.resource|{source}|{resource_type}|{resource_id}|{version_id}"
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    id: int
+    event: Event
+    attempts: int
+
+
+def insert_event(conn: psycopg.Connection[Any], cipher: Cipher, event: Event) -> tuple[int, bool]:
+    """Store the event once. Returns (event id, inserted); a duplicate delivery returns the first id."""
+    blob = seal_json(cipher, conn, event.patient_ref, event.resource, event_aad(*event.key))
+    row = conn.execute(
+        "INSERT INTO events (source, resource_type, resource_id, version_id, patient_ref, conversation_id,"
+        " source_updated, resource_enc) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (source, resource_type, resource_id, version_id) DO NOTHING RETURNING id",
+        (*event.key, event.patient_ref, event.conversation_id, event.received_at, blob)).fetchone()
+    if row is not None:
+        return int(row[0]), True
+    existing = conn.execute(
+        "SELECT id FROM events WHERE source = %s AND resource_type = %s AND resource_id = %s AND version_id = %s",
+        event.key).fetchone()
+    assert existing is not None
+    return int(existing[0]), False
+
+
+_EVENT_COLUMNS = ("id, source, resource_type, resource_id, version_id, patient_ref, conversation_id,"
+                  " source_updated, resource_enc, attempts")
+
+
+def _load(conn: psycopg.Connection[Any], cipher: Cipher, row: Sequence[Any]) -> StoredEvent:
+    (eid, source, rtype, rid, vid, patient, conv, updated, blob, attempts) = row
+    resource = open_json(cipher, conn, blob, event_aad(source, rtype, rid, vid))
+    return StoredEvent(id=eid, attempts=attempts, event=Event(
+        source=source, resource_type=rtype, resource_id=rid, version_id=vid, patient_ref=patient,
+        resource=resource, received_at=updated, conversation_id=conv))
+
+
+def claim_pending(conn: psycopg.Connection[Any], cipher: Cipher, limit: int) -> list[StoredEvent]:
+    """Lock up to ``limit`` pending events for this transaction; other workers skip them.
+
+    The row locks last until the caller commits, so a worker that dies mid-batch releases its
+    claim at once and another worker processes the events; nothing is claimed twice.
+    """
+    rows = conn.execute(
+        f"SELECT {_EVENT_COLUMNS} FROM events WHERE status = 'pending' ORDER BY id LIMIT %s"
+        " FOR UPDATE SKIP LOCKED", (limit,)).fetchall()
+    claimed: list[StoredEvent] = []
+    for row in rows:
+        try:
+            claimed.append(_load(conn, cipher, row))
+        except CryptoError as exc:  # erased or tampered: park it, never block the queue
+            mark_event(conn, int(row[0]), "failed", f"{exc.__class__.__name__}: cannot decrypt")
+    return claimed
+
+
+def known_versions(conn: psycopg.Connection[Any], source: str, resource_type: str,
+                   keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which (id, versionId) pairs are already stored or quarantined: re-reads skip them cheaply."""
+    if not keys:
+        return set()
+    ids = [k[0] for k in keys]
+    versions = [k[1] for k in keys]
+    rows = conn.execute(
+        "SELECT resource_id, version_id FROM events WHERE source = %s AND resource_type = %s"
+        " AND (resource_id, version_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
+        " UNION SELECT resource_id, version_id FROM quarantine WHERE source = %s AND resource_type = %s"
+        " AND (resource_id, version_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+        (source, resource_type, ids, versions, source, resource_type, ids, versions)).fetchall()
+    return {(str(r[0]), str(r[1])) for r in rows}
+
+
+def claim_event(conn: psycopg.Connection[Any], cipher: Cipher, event_id: int) -> StoredEvent | None:
+    row = conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = %s AND status = 'pending' FOR UPDATE",
+                       (event_id,)).fetchone()
+    return _load(conn, cipher, row) if row else None
+
+
+def newer_version_done(conn: psycopg.Connection[Any], stored: StoredEvent) -> bool:
+    """True when a later version of the same resource was already assessed (newest state wins)."""
+    ev = stored.event
+    row = conn.execute(
+        "SELECT 1 FROM events WHERE source = %s AND resource_type = %s AND resource_id = %s AND id <> %s"
+        " AND status = 'done' AND source_updated > %s LIMIT 1",
+        (ev.source, ev.resource_type, ev.resource_id, stored.id, ev.received_at)).fetchone()
+    return row is not None and ev.received_at is not None
+
+
+def mark_event(conn: psycopg.Connection[Any], event_id: int, status: str, error: str | None = None) -> None:
+    conn.execute("UPDATE events SET status = %s, processed_at = now(), last_error = %s,"
+                 " attempts = attempts + 1 WHERE id = %s", (status, error, event_id))
+
+
+def record_failure(conn: psycopg.Connection[Any], event_id: int, error: str, max_attempts: int) -> str:
+    """Count a failed attempt; after ``max_attempts`` the event is parked as failed for review."""
+    row = conn.execute(
+        "UPDATE events SET attempts = attempts + 1, last_error = %s,"
+        " status = CASE WHEN attempts + 1 >= %s THEN 'failed' ELSE status END WHERE id = %s RETURNING status",
+        (error, max_attempts, event_id)).fetchone()
+    return str(row[0]) if row else "missing"
+
+
+def conversation_messages(conn: psycopg.Connection[Any], cipher: Cipher, stored: StoredEvent,
+                          limit: int = 20) -> list[StoredEvent]:
+    """Earlier messages of the same conversation (oldest first), for conversation-level context."""
+    ev = stored.event
+    if not ev.conversation_id:
+        return []
+    rows = conn.execute(
+        f"SELECT {_EVENT_COLUMNS} FROM events WHERE patient_ref = %s AND conversation_id = %s AND id < %s"
+        " AND resource_type = 'Communication' ORDER BY id DESC LIMIT %s",
+        (ev.patient_ref, ev.conversation_id, stored.id, limit)).fetchall()
+    return [_load(conn, cipher, row) for row in reversed(rows)]
+
+
+def quarantine_input(conn: psycopg.Connection[Any], cipher: Cipher, *, source: str, payload: Any,
+                     reason: str, resource_type: str | None = None, resource_id: str | None = None,
+                     version_id: str | None = None, patient_ref: str | None = None) -> int:
+    """Keep bad input for review, once per (source, type, id, version). Returns the quarantine id."""
+    aad = f"quarantine.payload|{source}|{resource_type}|{resource_id}|{version_id}"
+    # Keyed to the patient where the input names one, so erasing that patient shreds it too.
+    blob = seal_json(cipher, conn, patient_ref or "quarantine", payload, aad)
+    row = conn.execute(
+        "INSERT INTO quarantine (source, resource_type, resource_id, version_id, reason, payload_enc)"
+        " VALUES (%s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (source, resource_type, resource_id, version_id) DO UPDATE SET reason = EXCLUDED.reason"
+        " RETURNING id", (source, resource_type, resource_id, version_id, reason, blob)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def list_quarantine(conn: psycopg.Connection[Any], limit: int = 100) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT id, received_at, source, resource_type, resource_id, reason, reviewed_at"
+                        " FROM quarantine ORDER BY id DESC LIMIT %s", (limit,)).fetchall()
+    keys = ("id", "received_at", "source", "resource_type", "resource_id", "reason", "reviewed_at")
+    return [dict(zip(keys, r)) for r in rows]
+
+
+def latest_received(conn: psycopg.Connection[Any]) -> datetime | None:
+    row = conn.execute("SELECT max(received_at) FROM events").fetchone()
+    return row[0] if row else None

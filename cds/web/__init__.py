@@ -1,0 +1,58 @@
+"""Flask application factory: no work at import time, one blueprint per audience."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from cds.service import Service
+from cds.settings import Settings
+
+
+def _secret_key(settings: Settings) -> bytes:
+    path = settings.secret_key_file
+    if path.exists():
+        return path.read_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    path.write_bytes(key)
+    path.chmod(0o600)
+    return key
+
+
+def create_app(service: Service | None = None, test_config: Mapping[str, Any] | None = None) -> Flask:
+    app = Flask(__name__)
+    if service is None:
+        service = Service.start(Settings.from_env())
+    settings = service.settings
+    app.config.update(SECRET_KEY=_secret_key(settings), CDS_LOCALE=settings.default_locale,
+                      SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax",
+                      MAX_CONTENT_LENGTH=2 * 1024 * 1024)
+    if test_config:
+        app.config.update(test_config)
+    app.extensions["cds"] = service
+
+    from cds.web import api, i18n, outcomes, triage
+
+    outcomes.init_app(app)
+    i18n.init_app(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(triage.bp)
+
+    @app.get("/")
+    def index() -> Any:
+        from flask import redirect, url_for
+
+        return redirect(url_for("triage.queue"))
+
+    return app
+
+
+def service() -> Service:
+    from flask import current_app
+
+    svc: Service = current_app.extensions["cds"]
+    return svc

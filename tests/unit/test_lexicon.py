@@ -1,0 +1,59 @@
+"""The lexicon files are valid data with id + version, and bad lexicons are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cds.errors import RulesError
+from cds.nlp.safety_net import KINDS, LEXICON_DIR, lexicons, load_lexicon, parse_lexicon
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_lexicon_has_id_version_and_known_kinds(lang: str) -> None:
+    lex = lexicons()[lang]
+    assert lex.id and lex.version.count(".") == 2 and lex.lang == lang
+    assert lex.ref == f"lexicon:{lang}@{lex.version}"
+    kinds = {p.kind for p in lex.patterns}
+    assert kinds <= KINDS
+    for needed in ("ideation", "plan", "means", "timing", "farewell", "preparatory_act", "aggression"):
+        assert needed in kinds, f"{lang} lexicon lacks {needed}"
+
+
+def _doc(lang: str) -> dict:
+    return yaml.safe_load((LEXICON_DIR / f"{lang}.yaml").read_text(encoding="utf-8"))
+
+
+def test_invalid_regex_is_refused() -> None:
+    doc = _doc("en")
+    doc["patterns"][0]["regex"] = "(unclosed"
+    with pytest.raises(RulesError, match="invalid regular expression"):
+        parse_lexicon(doc)
+
+
+def test_unknown_kind_is_refused() -> None:
+    doc = _doc("zh")
+    doc["patterns"][0]["kind"] = "vibes"
+    with pytest.raises(RulesError, match="unknown kind"):
+        parse_lexicon(doc)
+
+
+def test_duplicate_pattern_id_is_refused() -> None:
+    doc = _doc("zh")
+    doc["patterns"].append(dict(doc["patterns"][0]))
+    with pytest.raises(RulesError, match="duplicate pattern id"):
+        parse_lexicon(doc)
+
+
+def test_missing_version_is_refused() -> None:
+    doc = _doc("en")
+    del doc["version"]
+    with pytest.raises(RulesError, match="version"):
+        parse_lexicon(doc)
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RulesError, match="not found"):
+        load_lexicon(tmp_path / "zh.yaml")

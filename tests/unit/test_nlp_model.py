@@ -1,0 +1,316 @@
+"""Text model: training path on a tiny synthetic data set, artefact verification, classify,
+conversations, the safety-net floor and the CLI. Never trains the full model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cds.domain import RiskTier
+from cds.errors import ModelError
+from cds.nlp import TextRiskModel
+from cds.nlp.commands import classify_command, model_group
+from cds.nlp.model import HEADS, read_manifest
+
+_ZH_RISK = ["我真的不想活了", "活着好累，想消失", "我想自杀", "我攒了很多安眠药", "我打算今晚跳楼", "好想死啊"]
+_ZH_SAFE = ["今天天气很好", "工作压力有点大", "谢谢你陪我聊天", "我和朋友去吃饭了", "考试考得还行", "最近睡得不错"]
+_EN_RISK = ["I want to kill myself", "I can't go on anymore", "I have been cutting myself", "no reason to live"]
+_EN_SAFE = ["I had a nice walk today", "work was stressful", "thanks for listening", "my exam went fine"]
+
+
+def _write_tiny_data(root: Path, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    (root / "psysuicide_zh").mkdir(parents=True)
+    rows = []
+    for i in range(120):
+        risky = i % 3 == 0
+        text = rng.choice(_ZH_RISK if risky else _ZH_SAFE) + rng.choice(["", "。", "，真的", "啊"])
+        label = [0.0] * 11
+        label[3 if risky else 10] = 1.0
+        if i % 17 == 0:
+            text, label = "我想杀了他", [0.0] * 7 + [1.0] + [0.0] * 3
+        if i % 19 == 0:
+            text, label = "他又打我了", [0.0] * 8 + [1.0] + [0.0] * 2
+        rows.append({"idx": i, "text": text, "labels": [], "data_source": "client_machine", "label": label})
+    (root / "psysuicide_zh" / "valid.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    (root / "sos4k_zh").mkdir()
+    for name, n in (("train", 40), ("val", 15)):
+        with (root / "sos4k_zh" / f"{name}.tsv").open("w", encoding="utf-8", newline="") as fh:
+            w = csv.writer(fh, delimiter="\t")
+            w.writerow(["comment", "level"])
+            for i in range(n):
+                level = i % 11
+                w.writerow([rng.choice(_ZH_RISK if level >= 4 else _ZH_SAFE) + f"{i}", level])
+    (root / "cssrs_reddit_en").mkdir()
+    with (root / "cssrs_reddit_en" / "users.csv").open("w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["User", "Post", "Label"])
+        labels = ["Supportive", "Indicator", "Ideation", "Behavior", "Attempt"]
+        for i in range(20):
+            lab = labels[i % 5]
+            posts = [rng.choice(_EN_RISK if i % 5 >= 2 else _EN_SAFE) for _ in range(3)]
+            w.writerow([f"user-{i}", repr(posts), lab])
+    (root / "sdcnl_en").mkdir()
+    with (root / "sdcnl_en" / "training-set.csv").open("w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["title", "selftext", "is_suicide"])
+        for i in range(20):
+            w.writerow(["post", rng.choice(_EN_RISK if i % 2 else _EN_SAFE), i % 2])
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_tiny_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("model")
+    res = CliRunner().invoke(model_group, ["train", "--data-dir", str(tiny_data), "--sample", "200",
+                                           "--out", str(out), "--seed", "7"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> TextRiskModel:
+    return TextRiskModel.load(tiny_model_dir)
+
+
+# ---- training and the artefact -----------------------------------------------------------
+
+def test_training_is_reproducible(tiny_data: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(model_group, ["train", "--data-dir", str(tiny_data), "--sample", "200",
+                                           "--out", str(tmp_path), "--seed", "7", "--no-eval"])
+    assert res.exit_code == 0, res.output
+    first = read_manifest(tiny_model_dir)["sha256"]
+    assert re.findall(r'"sha256": "([0-9a-f]{64})"', res.output) == [first]
+    assert (tmp_path / "model.onnx").read_bytes() == (tiny_model_dir / "model.onnx").read_bytes()
+
+
+def test_manifest_records_what_is_needed(tiny_model_dir: Path) -> None:
+    m = read_manifest(tiny_model_dir)
+    assert m["heads"] == list(HEADS)
+    assert m["training"]["seed"] == 7 and m["features"]["hash"] == "crc32"
+    for lang in ("zh", "en", "default"):
+        assert set(m["thresholds"][lang]) == set(HEADS)
+    assert "metrics" in m and "model+safety_net" in m["metrics"]
+
+
+def test_training_without_data_fails_cleanly(tmp_path: Path) -> None:
+    res = CliRunner().invoke(model_group, ["train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0
+    assert "no training data" in res.output
+
+
+def test_loader_refuses_missing_model(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="missing"):
+        TextRiskModel.load(tmp_path)
+
+
+def test_loader_refuses_missing_onnx(tiny_model_dir: Path, tmp_path: Path) -> None:
+    shutil.copy(tiny_model_dir / "manifest.json", tmp_path / "manifest.json")
+    with pytest.raises(ModelError, match="missing"):
+        TextRiskModel.load(tmp_path)
+
+
+def test_loader_refuses_corrupt_onnx(tiny_model_dir: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    data = bytearray((tmp_path / "m" / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "m" / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="does not match its manifest"):
+        TextRiskModel.load(tmp_path / "m")
+
+
+def test_loader_refuses_corrupt_manifest(tiny_model_dir: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (tmp_path / "m" / "manifest.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ModelError, match="corrupt"):
+        TextRiskModel.load(tmp_path / "m")
+
+
+def test_provider_is_what_the_session_got(model: TextRiskModel) -> None:
+    assert model.provider in ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+# ---- classify ------------------------------------------------------------------------------
+
+def test_classify_batch(model: TextRiskModel) -> None:
+    texts = ["我想自杀", "今天天气很好", "I want to kill myself", "thanks for listening", ""]
+    results = model.classify(texts)
+    assert len(results) == len(texts)
+    for r in results:
+        assert 0.0 <= r.probability <= 1.0
+        assert r.tier >= r.model_tier
+        assert r.lang in ("zh", "en")
+    assert results[0].lang == "zh" and results[2].lang == "en"
+    empty = results[-1]
+    assert empty.tier == RiskTier.NONE and empty.probability == 0.0 and empty.evidence == ()
+
+
+def test_classify_100kb_message(model: TextRiskModel) -> None:
+    text = "今天天气不错，我们去散步吧。" * 4000 + "我写好了遗书"
+    [r] = model.classify([text])
+    assert r.tier == RiskTier.IMMINENT
+    for e in r.evidence:
+        assert text[e.start:e.end] == e.text
+
+
+def test_evidence_offsets_slice_the_original_text(model: TextRiskModel) -> None:
+    texts = ["😢 我真的不想活了，我攒了很多安眠药", "I can’t go on, I’ve saved up my pills 💊", "好想死啊"]
+    for text, r in zip(texts, model.classify(texts)):
+        assert r.evidence
+        for e in r.evidence:
+            assert text[e.start:e.end] == e.text
+            assert e.source.startswith(("lexicon:", "model:"))
+
+
+def test_signals_carry_the_source_ref(model: TextRiskModel) -> None:
+    [r] = model.classify(["我打算今晚跳楼"])
+    signals = {s.name: s for s in r.signals("Communication/42")}
+    assert signals["text.tier"].value == r.tier.label and signals["text.tier"].tier == r.tier
+    assert signals["text.safety_net"].tier == RiskTier.IMMINENT
+    assert set(signals["text.safety_net"].value) >= {"means", "timing"}
+    assert all(e.ref == "Communication/42" for e in signals["text.tier"].evidence)
+    assert isinstance(signals["text.harm_to_others"].value, bool)
+    assert signals["text.probability"].source.startswith("model:")
+
+
+class _SilentSession:
+    """Stands in for onnxruntime: a model that sees no risk in anything."""
+
+    def get_providers(self) -> list[str]:
+        return ["CPUExecutionProvider"]
+
+    def run(self, names: list[str], feeds: dict[str, Any]) -> list[Any]:
+        n, width = feeds["ids"].shape
+        out = [np.full((n, len(HEADS)), 1e-4, dtype=np.float32)]
+        if "contrib" in names:
+            out.append(np.zeros((n, width, len(HEADS)), dtype=np.float32))
+        return out
+
+
+@pytest.fixture(scope="module")
+def silent_model(tiny_model_dir: Path) -> TextRiskModel:
+    return TextRiskModel(_SilentSession(), read_manifest(tiny_model_dir), tiny_model_dir)
+
+
+@pytest.mark.parametrize("text", ["我打算跳楼", "我计划下周自杀", "吃多少安眠药会死？", "I'm planning to kill myself",
+                                  "I want to hang myself", "I want to die, I'm doing it tonight"])
+def test_explicit_plan_means_timing_is_high_whatever_the_model_says(silent_model: TextRiskModel, text: str) -> None:
+    [r] = silent_model.classify([text])
+    assert r.model_tier == RiskTier.NONE
+    assert r.tier >= RiskTier.HIGH
+
+
+@pytest.mark.parametrize("text", ["我攒了很多安眠药", "我今晚就去跳楼", "I've saved up my pills",
+                                  "I'm going to take all my pills tonight"])
+def test_preparation_or_means_with_timing_is_imminent_whatever_the_model_says(
+        silent_model: TextRiskModel, text: str) -> None:
+    [r] = silent_model.classify([text])
+    assert r.tier == RiskTier.IMMINENT
+
+
+# ---- conversations -------------------------------------------------------------------------
+
+def test_conversation_context_across_messages(silent_model: TextRiskModel) -> None:
+    msgs = ["I want to die", "I keep thinking about the pills", "I bought them today"]
+    alone = silent_model.classify(msgs[2:])[0]
+    conv = silent_model.assess_conversation(msgs)
+    assert alone.tier == RiskTier.NONE
+    assert conv.tier == RiskTier.IMMINENT
+    for e in conv.evidence:
+        i = int(e.ref[1:])
+        assert msgs[i][e.start:e.end] == e.text
+
+
+def test_conversation_tier_does_not_drop_after_a_denial(model: TextRiskModel) -> None:
+    msgs = ["我真的不想活了", "我攒了很多安眠药"]
+    before = model.assess_conversation(msgs)
+    after = model.assess_conversation(msgs + ["开玩笑的啦，我没事", "I was joking"])
+    assert before.tier == RiskTier.IMMINENT
+    assert after.tier >= before.tier
+
+
+_POOL = _ZH_RISK + _ZH_SAFE + _EN_RISK + _EN_SAFE + ["I was joking", "开玩笑的", "我不想死", "lol"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from(_POOL), min_size=1, max_size=6), st.sampled_from(_POOL))
+def test_conversation_tier_never_drops_when_a_message_is_added(model: TextRiskModel, msgs: list[str],
+                                                               later: str) -> None:
+    assert model.assess_conversation(msgs + [later]).tier >= model.assess_conversation(msgs).tier
+
+
+def test_empty_conversation(model: TextRiskModel) -> None:
+    assert model.assess_conversation([]).tier == RiskTier.NONE
+
+
+# ---- CLI -----------------------------------------------------------------------------------
+
+def test_classify_command_round_trip(tiny_model_dir: Path, tmp_path: Path) -> None:
+    rows = [{"id": "a", "text": "我打算今晚跳楼"}, {"id": "b", "text": "thanks for listening", "lang": "en"},
+            {"id": "c", "text": ""}]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    dst = tmp_path / "out.jsonl"
+    res = CliRunner().invoke(classify_command, ["--input", str(src), "--output", str(dst),
+                                                "--model-dir", str(tiny_model_dir)])
+    assert res.exit_code == 0, res.output
+    out = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
+    assert [o["id"] for o in out] == ["a", "b", "c"]
+    assert out[0]["tier"] == "imminent"
+    for o in out:
+        assert {"tier", "probability", "harm_to_others", "evidence", "provider"} <= set(o)
+        for e in o["evidence"]:
+            assert {"start", "end", "kind"} <= set(e)
+    assert out[0]["evidence"][0]["start"] >= 0
+
+
+def test_classify_command_rejects_bad_input(tiny_model_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1}\n', encoding="utf-8")
+    res = CliRunner().invoke(classify_command, ["--input", str(src), "--output", str(tmp_path / "o.jsonl"),
+                                                "--model-dir", str(tiny_model_dir)])
+    assert res.exit_code != 0 and "text" in res.output
+
+
+class _AlarmedSession(_SilentSession):
+    """A model that sees high risk in everything."""
+
+    def run(self, names: list[str], feeds: dict[str, Any]) -> list[Any]:
+        out = super().run(names, feeds)
+        out[0][:, :4] = 0.99
+        return out
+
+
+@pytest.fixture(scope="module")
+def alarmed_model(tiny_model_dir: Path) -> TextRiskModel:
+    return TextRiskModel(_AlarmedSession(), read_manifest(tiny_model_dir), tiny_model_dir)
+
+
+@pytest.mark.parametrize("text", ["我不想死", "笑死我了", "I could kill for a pizza", "I would never kill myself",
+                                  "my friend said she wants to die"])
+def test_short_message_the_lexicon_explains_away_is_capped_at_low(alarmed_model: TextRiskModel, text: str) -> None:
+    [r] = alarmed_model.classify([text])
+    assert r.model_tier == RiskTier.IMMINENT
+    assert r.tier == RiskTier.LOW
+
+
+@pytest.mark.parametrize("text", ["我想死", "今天下雨了", "I feel empty"])
+def test_model_tier_stands_when_nothing_is_explained_away(alarmed_model: TextRiskModel, text: str) -> None:
+    [r] = alarmed_model.classify([text])
+    assert r.tier == RiskTier.IMMINENT

@@ -1,0 +1,188 @@
+"""Safety-net lexicon: hard cases in both languages (no model needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cds.domain import RiskTier
+from cds.nlp import safety_net_scan
+
+
+def tier(text: str) -> RiskTier | None:
+    return safety_net_scan(text).tier
+
+
+@pytest.mark.parametrize("text", [
+    "我不想死", "我从来没想过自杀", "我一点都不想自杀", "我不会自杀的，放心",
+    "I would never kill myself", "I'm not suicidal", "I don't want to die", "I have no plan to kill myself",
+])
+def test_negated_intent_is_not_counted(text: str) -> None:
+    result = safety_net_scan(text)
+    assert result.tier is None
+    assert not result.evidence
+
+
+@pytest.mark.parametrize("text", ["我不想死", "I would never kill myself"])
+def test_negation_is_recorded_as_the_reason(text: str) -> None:
+    assert [h.status for h in safety_net_scan(text).hits] == ["negation"]
+
+
+@pytest.mark.parametrize("text", [
+    "我朋友说她想死", "我的一个朋友失恋了，要自杀，我要怎么开导他", "她说她想自杀",
+    "my friend said she wants to die", "My brother told me he wants to kill himself",
+])
+def test_third_person_is_not_the_speakers_risk(text: str) -> None:
+    assert tier(text) is None
+
+
+@pytest.mark.parametrize("text", ["“我想死”是一首歌的名字", 'The song is called "I want to die"'])
+def test_quotation_is_not_counted(text: str) -> None:
+    result = safety_net_scan(text)
+    assert result.tier is None
+    assert any(h.status == "quotation" for h in result.hits)
+
+
+def test_speaker_quoting_themself_is_counted() -> None:
+    assert tier('I told my mum "I want to die"') == RiskTier.MODERATE
+
+
+@pytest.mark.parametrize("text", ["你想死吗？", "Do you want to die?", "你有没有想过自杀？"])
+def test_question_to_the_other_person_is_not_counted(text: str) -> None:
+    assert tier(text) is None
+
+
+@pytest.mark.parametrize("text", ["吃多少安眠药会死？", "How many pills would it take to kill me?",
+                                  "六楼跳下去会死吗"])
+def test_lethality_question_is_means_seeking(text: str) -> None:
+    assert tier(text) is not None and tier(text) >= RiskTier.HIGH
+
+
+@pytest.mark.parametrize("text", [
+    "笑死我了", "累死了", "热死了", "饿死我了", "想死你了", "今天忙死了，烦死了", "这个游戏的boss太难杀了",
+    "this homework is killing me", "I could kill for a pizza", "my feet are killing me", "I'm dying to see it",
+    "I was bored to death", "you killed it today",
+])
+def test_idioms_do_not_fire(text: str) -> None:
+    assert safety_net_scan(text).fired is False
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("我想死", RiskTier.MODERATE),
+    ("我真的不想活了", RiskTier.MODERATE),
+    ("活着好累，不想再醒来", RiskTier.LOW),
+    ("I want to kill myself", RiskTier.MODERATE),
+    ("I wish I was never born", RiskTier.LOW),
+    ("I tried to kill myself last year", RiskTier.HIGH),
+    ("我之前自杀过一次，没死成", RiskTier.HIGH),
+])
+def test_intent_tiers(text: str, expected: RiskTier) -> None:
+    assert tier(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "我打算跳楼", "我计划下周自杀", "我想好了怎么死", "我想割腕", "我想死，已经查好了楼层",
+    "I'm planning to kill myself", "I'm going to jump off the bridge", "I want to hang myself",
+    "I want to die. I have a plan",
+])
+def test_explicit_plan_or_means_is_at_least_high(text: str) -> None:
+    t = tier(text)
+    assert t is not None and t >= RiskTier.HIGH, safety_net_scan(text).hits
+
+
+@pytest.mark.parametrize("text", [
+    "我今晚就去跳楼", "我攒了很多安眠药", "我写好了遗书", "永别了，这个世界", "我想死，东西都送人了",
+    "I'm going to take all my pills tonight", "I've been saving up my pills", "I wrote a suicide note",
+    "I want to die. I said goodbye to my family", "Goodbye everyone, this is my last message",
+])
+def test_means_and_timing_or_preparation_is_imminent(text: str) -> None:
+    assert tier(text) == RiskTier.IMMINENT, safety_net_scan(text).hits
+
+
+def test_timing_alone_is_not_risk() -> None:
+    assert tier("我今晚要去看电影") is None
+    assert tier("I'm going to the gym tonight") is None
+    assert tier("I bought a rope for camping") is None
+
+
+@pytest.mark.parametrize("text", ["我想杀了他", "我想把人类全杀了", "I want to kill him", "I'm going to shoot up the school"])
+def test_aggression_sets_harm_to_others_without_a_tier(text: str) -> None:
+    result = safety_net_scan(text)
+    assert result.harm_to_others
+    assert result.tier is None
+
+
+@pytest.mark.parametrize("text", ["他又打我了", "我被同学欺负", "爸爸让我去死", "I was raped", "my dad hits me"])
+def test_victimisation_flag(text: str) -> None:
+    result = safety_net_scan(text)
+    assert result.victimisation
+    assert result.tier is None
+
+
+@pytest.mark.parametrize("text", [
+    "今天好累 I want to kill myself", "I'm so tired, 我真的不想活了", "我今晚 want to end it all",
+])
+def test_mixed_language_messages(text: str) -> None:
+    t = tier(text)
+    assert t is not None and t >= RiskTier.MODERATE
+
+
+def test_mixed_language_context_crosses_lexicons() -> None:
+    # zh timing word anchored by an English statement of intent
+    assert tier("今晚 I will take all my pills") == RiskTier.IMMINENT
+
+
+@pytest.mark.parametrize("text", ["😢😢 我想死 💊", "I want to kill myself 😭🔪", "🙂👍", "😂 笑死我了 😂"])
+def test_emoji_keeps_offsets_and_does_not_fire_alone(text: str) -> None:
+    result = safety_net_scan(text)
+    for e in result.evidence:
+        assert text[e.start:e.end] == e.text
+    if "🙂" in text or "笑死" in text:
+        assert result.fired is False
+    else:
+        assert result.tier is not None
+
+
+def test_empty_text() -> None:
+    result = safety_net_scan("")
+    assert result.tier is None and result.evidence == () and not result.harm_to_others
+
+
+def test_100kb_text_is_scanned_to_the_end() -> None:
+    filler = "今天天气不错，我们去散步吧。" * 3000 + "The weather is fine today. " * 2000
+    text = filler + "我写好了遗书"
+    assert len(text.encode("utf-8")) > 100_000
+    result = safety_net_scan(text)
+    assert result.tier == RiskTier.IMMINENT
+    [ev] = [e for e in result.evidence if e.kind == "preparatory_act"]
+    assert text[ev.start:ev.end] == ev.text and ev.start > 90_000
+
+
+@pytest.mark.parametrize("text", [
+    "我真的不想活了，我攒了很多安眠药", "Ｉ ＷＡＮＴ to die", "I can’t go on, I’ve saved up my pills",
+    "Ich bin müde. I want to kill myself tonight", "我今晚就去跳楼",
+])
+def test_evidence_offsets_slice_the_original_text(text: str) -> None:
+    result = safety_net_scan(text)
+    assert result.evidence
+    for e in result.evidence:
+        assert 0 <= e.start < e.end <= len(text)
+        assert text[e.start:e.end] == e.text
+        assert e.source.startswith("lexicon:")
+
+
+def test_curly_apostrophe_and_fullwidth_letters_match() -> None:
+    assert tier("I don’t want to live anymore") == RiskTier.MODERATE
+    assert tier("ＫＩＬＬ ＭＹＳＥＬＦ") == RiskTier.MODERATE
+
+
+@pytest.mark.parametrize("text", [
+    "I have saved up the pills, I will take them all this weekend",
+    "I have saved the pills, this weekend",
+    "我已经攒够了安眠药，打算这周末全部吃掉",
+    "药我已经攒够了，就这周末",
+])
+def test_the_3am_message_is_imminent_whatever_the_model_says(text: str) -> None:
+    """The project's founding example: stockpiled means plus a date is a preparatory act (imminent)."""
+    result = safety_net_scan(text)
+    assert result.tier == RiskTier.IMMINENT
+    assert "preparatory_act" in result.kinds or {"means", "timing"} <= set(result.kinds)
