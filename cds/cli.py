@@ -150,6 +150,81 @@ def demo(no_seed: bool) -> None:
     run_demo(_settings(), seed=not no_seed)
 
 
+@cli.group()
+def clients() -> None:
+    """Screening-API clients (chatbots, counsellor consoles)."""
+
+
+@clients.command("add")
+@click.argument("name")
+@click.option("--actor", default=lambda: os.environ.get("USER", "admin"), show_default="$USER")
+@click.pass_obj
+def clients_add(obj: dict[str, Any], name: str, actor: str) -> None:
+    """Create a client and print its API key once (only its SHA-256 is stored)."""
+    from cds.store import clients as store
+    from cds.store.db import connect, migrate
+    from compliance import audit
+
+    url = obj["db_url"]()
+    migrate(url)
+    with connect(url) as conn:
+        key = store.add_client(conn, name, actor)
+        audit.record(conn, event_type="config.client.add", action="C", actor=actor, entity={"client": name})
+        conn.commit()
+    click.echo(key)
+    click.echo(f"API key for {name!r}: shown once, store it in the client's secret store.", err=True)
+
+
+@clients.command("revoke")
+@click.argument("name")
+@click.option("--actor", default=lambda: os.environ.get("USER", "admin"), show_default="$USER")
+@click.pass_obj
+def clients_revoke(obj: dict[str, Any], name: str, actor: str) -> None:
+    """Revoke a client's key."""
+    from cds.store import clients as store
+    from cds.store.db import connect
+    from compliance import audit
+
+    with connect(obj["db_url"]()) as conn:
+        if not store.revoke_client(conn, name):
+            raise click.ClickException(f"no active client named {name!r}")
+        audit.record(conn, event_type="config.client.revoke", action="U", actor=actor, entity={"client": name})
+        conn.commit()
+    click.echo(f"revoked {name}")
+
+
+@cli.group()
+def oncall() -> None:
+    """The on-call roster that escalations go to."""
+
+
+@oncall.command("set")
+@click.argument("role", type=click.Choice(["nurse", "charge_nurse", "supervisor", "psychiatrist"]))
+@click.argument("practitioner")
+@click.option("--name", "display", required=True, help="Name shown to staff.")
+@click.option("--phone")
+@click.option("--hours", default=12.0, show_default=True, help="Shift length from now.")
+@click.option("--actor", default=lambda: os.environ.get("USER", "admin"), show_default="$USER")
+@click.pass_obj
+def oncall_set(obj: dict[str, Any], role: str, practitioner: str, display: str, phone: str | None, hours: float,
+               actor: str) -> None:
+    """Put PRACTITIONER (Practitioner/<id>) on call for ROLE from now for --hours."""
+    from datetime import datetime, timedelta, timezone
+
+    from cds.alerts import set_oncall
+    from cds.store.db import connect
+    from compliance import audit
+
+    now = datetime.now(timezone.utc)
+    with connect(obj["db_url"]()) as conn:
+        entry = set_oncall(conn, role=role, practitioner_ref=practitioner, display=display, phone=phone,
+                           starts_at=now, ends_at=now + timedelta(hours=hours), actor=actor)
+        audit.record(conn, event_type="config.oncall", action="C", actor=actor,
+                     entity={"oncall_id": entry, "role": role, "practitioner": practitioner})
+        conn.commit()
+    click.echo(f"{display} ({practitioner}) is on call as {role} for {hours:g} h")
+
+
 def _register_optional_groups() -> None:
     """Subsystem command groups live beside their code."""
     from cds.nlp.commands import classify_command, model_group

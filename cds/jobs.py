@@ -52,6 +52,18 @@ def ingest_cycle(service: Service) -> dict[str, int]:
     return {"ingested": sum(p.ingested for p in polled), "processed": processed, "sent": sent}
 
 
+def escalate_overdue(service: Service) -> int:
+    """Move every alert past its acknowledgement deadline one step up the escalation path."""
+    from cds.alerts.workflow import escalate_overdue_alerts
+
+    with service.pool.connection() as conn:
+        with conn.transaction():
+            escalated = escalate_overdue_alerts(conn, service.cipher, service.settings, service.pipeline.clock())
+    if escalated:
+        deliver_outbox(service)
+    return len(escalated)
+
+
 def sign_audit_checkpoint(service: Service) -> None:
     from compliance import audit
 
@@ -82,5 +94,6 @@ def build_scheduler(service: Service) -> BackgroundScheduler:
     scheduler.add_job(_safely(ingest_cycle, service), "interval", seconds=s.poll_interval_s, id="ingest_cycle")
     scheduler.add_job(_safely(process_pending_events, service), "interval", seconds=0.5, id="process_events")
     scheduler.add_job(_safely(deliver_outbox, service), "interval", seconds=s.outbox_interval_s, id="outbox")
+    scheduler.add_job(_safely(escalate_overdue, service), "interval", seconds=15, id="escalate_overdue")
     scheduler.add_job(_safely(sign_audit_checkpoint, service), "interval", minutes=5, id="audit_checkpoint")
     return scheduler

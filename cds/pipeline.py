@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 LOOKBACK_DAYS = 14
 HISTORY_TTL = timedelta(hours=24)
+HISTORY_RETRY = timedelta(minutes=10)
 Clock = Callable[[], datetime]
 HistorySource = Callable[[str], Any]  # patient ref -> integrations.fhir.history.PatientHistory | None
 
@@ -47,13 +48,13 @@ class Engines:
     text_model: Any | None  # cds.nlp.TextRiskModel; None only when the model is not required
 
     @classmethod
-    def load(cls, settings: Settings, *, shadow_dirs: Sequence[Any] = ()) -> Engines:
+    def load(cls, settings: Settings) -> Engines:
         from cds.instruments import load_catalog
         from cds.triage import load_ruleset
 
         catalog = load_catalog(settings.rules_dir)
         ruleset = load_ruleset(settings.rules_dir / "triage")
-        shadows = tuple(load_ruleset(d) for d in shadow_dirs)
+        shadows = tuple(load_ruleset(d) for d in settings.shadow_rulesets)
         text_model = load_text_model(settings)
         return cls(instruments=catalog, ruleset=ruleset, shadow_rulesets=shadows, text_model=text_model)
 
@@ -269,7 +270,9 @@ class Pipeline:
         if self.history_source is not None and (
                 state.history_checked_at is None or now - state.history_checked_at > HISTORY_TTL):
             fetched = self.history_source(state.patient_ref)
-            if fetched is not None:
+            if fetched is None:  # the EHR could not answer: history stays unknown; ask again in 10 minutes
+                assessment_store.history_unavailable(conn, state.patient_ref, now - HISTORY_TTL + HISTORY_RETRY)
+            else:
                 assessment_store.save_history(conn, state.patient_ref, fetched.conditions, fetched.prior_attempt,
                                               fetched.birth_date)
                 state = assessment_store.PatientState(
@@ -286,6 +289,8 @@ class Pipeline:
                        recent_signals=tuple(recent))
 
     def _process(self, conn: psycopg.Connection[Any], stored: event_store.StoredEvent) -> Processed:
+        from cds.alerts import get_alert
+        from cds.alerts.mirror import mirror_alert
         from compliance import audit
 
         event = stored.event
@@ -315,10 +320,12 @@ class Pipeline:
                                                scores=assessed.scores, shadow=True,
                                                ruleset_version=shadow_rs.version)
         assessment_store.raise_patient_tier(conn, event.patient_ref, a.tier, assessment_id)
-        alert_ids, new_alert, priority = self._act_on_alerts(conn, a, assessment_id, now)
+        alert_ids, changed, priority = self._act_on_alerts(conn, a, assessment_id, now)
         if alert_ids or a.tier >= RiskTier.LOW or a.indeterminate:
-            self._enqueue_writeback(conn, a, assessment_id, alert_ids[0] if alert_ids else None, new_alert,
+            self._enqueue_writeback(conn, a, assessment_id, alert_ids[0] if alert_ids else None, bool(changed),
                                     priority, now)
+        for alert_id in changed:  # after the write-back: one patient's outbox rows are delivered in order
+            mirror_alert(conn, self.cipher, get_alert(conn, alert_id), self.settings)
         audit.record(conn, event_type="assessment", action="C", actor="psych-cds",
                      patient_ref=event.patient_ref, outcome=0,
                      entity={"what": event_reference(event), "assessment_id": assessment_id},
@@ -332,12 +339,13 @@ class Pipeline:
         return Processed(stored.id, "done", assessment_id, a, tuple(alert_ids))
 
     def _act_on_alerts(self, conn: psycopg.Connection[Any], a: Assessment, assessment_id: int,
-                       now: datetime) -> tuple[list[str], bool, str]:
+                       now: datetime) -> tuple[list[str], list[str], str]:
         from cds.alerts import PRIORITY_RANK, raise_alert
         from cds.triage import sla_for
         from compliance import audit
 
         alert_ids: list[str] = []
+        changed: list[str] = []
         new_or_raised = False
         top_priority = "routine"
         reason = "; ".join(f.title for f in a.fired) or "risk signal"
@@ -353,13 +361,14 @@ class Pipeline:
                 alert_ids.append(change.alert_id)
             if change.created or change.raised:
                 new_or_raised = True
+                changed.append(change.alert_id)
                 audit.record(conn, event_type="alert.open" if change.created else "alert.raise", action="C"
                              if change.created else "U", actor="psych-cds", patient_ref=a.patient_ref,
                              entity={"alert_id": change.alert_id, "assessment_id": assessment_id},
                              detail={"priority": action.priority, "kind": kind, "tier": a.tier.label})
             if PRIORITY_RANK[action.priority] > PRIORITY_RANK[top_priority]:
                 top_priority = action.priority
-        return alert_ids, new_or_raised, top_priority
+        return alert_ids, changed, top_priority
 
     def _enqueue_writeback(self, conn: psycopg.Connection[Any], a: Assessment, assessment_id: int,
                            alert_id: str | None, new_alert: bool, priority: str, now: datetime) -> None:
@@ -371,6 +380,6 @@ class Pipeline:
             ruleset_hash=a.ruleset_hash, ruleset_version=self.engines.ruleset.version,
             model_sha256=a.model_sha256, occurred_at=now, alert_id=alert_id, priority=priority,
             care_team_ref=self.settings.care_team_ref,
-            dashboard_url=f"http://{self.settings.host}:{self.settings.port}/triage", new_alert=new_alert)
+            dashboard_url=f"{self.settings.public_base_url}/triage", new_alert=new_alert)
         outbox.enqueue(conn, self.cipher, dedupe_key=f"assessment:{assessment_id}", kind="assessment-writeback",
                        patient_ref=a.patient_ref, payload=bundle)

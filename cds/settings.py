@@ -10,10 +10,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cds.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_FHIR_SCOPES = ("system/*.read system/RiskAssessment.write system/Flag.write system/Communication.write"
+                       " system/Task.write system/ServiceRequest.write system/Provenance.write"
+                       " system/AuditEvent.write")
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -75,7 +79,21 @@ class Settings:
     timezone: str
     require_model: bool
     demo: bool
+    public_base_url: str  # how clients reach this service (CDS Hooks aud, links in alerts)
+    screen_rate_per_min: int  # screening API requests per client per minute
+    shadow_rulesets: tuple[Path, ...]  # rule sets evaluated beside the live one, never alerting
     extra: Mapping[str, str] = field(default_factory=dict)
+    # -- EHR integration: SMART Backend Services, CDS Hooks, Subscriptions, feed watchdog ----------
+    fhir_scopes: str = DEFAULT_FHIR_SCOPES  # space-separated SMART system scopes asked of the EHR
+    fhir_jwt_alg: str = "RS384"  # RS384 | ES384: client-assertion signature algorithm
+    fhir_key_id: str | None = None  # JWK kid; None = the key's RFC 7638 thumbprint
+    # EHRs allowed to call CDS Hooks: issuer -> {jwks_url | jwks, jku: [...], client_id, fhir_servers}
+    cds_hooks_issuers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    cds_hooks_allow_unauthenticated: bool = False  # demo/test only; logged loudly when on
+    cds_hooks_cors_origins: tuple[str, ...] = ("*",)  # browser EHR clients (bearer JWT, no cookies)
+    notify_secret: str | None = None  # shared secret of the Subscription rest-hook channel
+    notify_secret_header: str | None = None  # None = Authorization: Bearer <secret> or X-Subscription-Secret
+    feed_heartbeat_s: int = 300  # Subscription heartbeat period; silent for 2x this raises an alarm
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -113,4 +131,66 @@ class Settings:
             timezone=env.get("CDS_TIMEZONE", "Asia/Shanghai"),
             require_model=_bool(env, "CDS_REQUIRE_MODEL", True),
             demo=_bool(env, "CDS_DEMO", False),
+            public_base_url=(env.get("CDS_PUBLIC_BASE_URL")
+                             or f"http://{env.get('CDS_HOST', '127.0.0.1')}:{env.get('CDS_PORT', '8080')}").rstrip("/"),
+            screen_rate_per_min=_int(env, "CDS_SCREEN_RATE_PER_MIN", 600, 1),
+            shadow_rulesets=tuple(Path(p) for p in (env.get("CDS_SHADOW_RULESETS") or "").split(os.pathsep) if p),
+            fhir_scopes=" ".join((env.get("CDS_FHIR_SCOPES") or DEFAULT_FHIR_SCOPES).split()),
+            fhir_jwt_alg=_choice(env, "CDS_FHIR_JWT_ALG", "RS384", ("RS384", "ES384")),
+            fhir_key_id=env.get("CDS_FHIR_KEY_ID") or None,
+            cds_hooks_issuers=_hook_issuers(env),
+            cds_hooks_allow_unauthenticated=_bool(env, "CDS_HOOKS_ALLOW_UNAUTHENTICATED", False),
+            cds_hooks_cors_origins=tuple((env.get("CDS_HOOKS_CORS_ORIGINS") or "*").split()),
+            notify_secret=env.get("CDS_NOTIFY_SECRET") or None,
+            notify_secret_header=env.get("CDS_NOTIFY_SECRET_HEADER") or None,
+            feed_heartbeat_s=_int(env, "CDS_FEED_HEARTBEAT_S", 300, 1),
         )
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = env.get(name) or default
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+_ISSUER_KEYS = frozenset({"jwks_url", "jwks", "jku", "client_id", "fhir_servers"})
+
+
+def _hook_issuers(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """The EHRs trusted to call CDS Hooks, from CDS_HOOKS_ISSUERS (JSON) or CDS_HOOKS_ISSUERS_FILE.
+
+    ``{"https://ehr.example.org": {"jwks_url": "https://ehr.example.org/jwks.json",
+    "jku": ["https://ehr.example.org/jwks.json"], "client_id": "ehr-cds-client"}}``; ``jwks`` (an
+    inline JWK Set) may stand in for ``jwks_url``; ``fhir_servers`` limits the fhirServer URLs this
+    issuer may send (prefixes).
+    """
+    import json
+
+    raw = env.get("CDS_HOOKS_ISSUERS") or ""
+    path = env.get("CDS_HOOKS_ISSUERS_FILE")
+    if path:
+        try:
+            raw = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"CDS_HOOKS_ISSUERS_FILE cannot be read: {exc.__class__.__name__}") from exc
+    if not raw.strip():
+        return {}
+    try:
+        parsed = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"CDS_HOOKS_ISSUERS must be a JSON object: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise ConfigError("CDS_HOOKS_ISSUERS must be a JSON object of issuer -> settings")
+    out: dict[str, dict[str, Any]] = {}
+    for issuer, conf in parsed.items():
+        if not isinstance(conf, dict) or not (conf.get("jwks_url") or conf.get("jwks")):
+            raise ConfigError(f"CDS_HOOKS_ISSUERS[{issuer!r}] needs jwks_url or jwks")
+        unknown = set(conf) - _ISSUER_KEYS
+        if unknown:
+            raise ConfigError(f"CDS_HOOKS_ISSUERS[{issuer!r}] has unknown keys: {', '.join(sorted(unknown))}")
+        for key in ("jku", "fhir_servers"):
+            if not isinstance(conf.get(key, []), list):
+                raise ConfigError(f"CDS_HOOKS_ISSUERS[{issuer!r}].{key} must be a list of URLs")
+        out[str(issuer)] = dict(conf)
+    return out

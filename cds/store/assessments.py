@@ -92,6 +92,11 @@ def save_history(conn: psycopg.Connection[Any], patient_ref: str, conditions: tu
                  (list(conditions), prior_attempt, birth_date, patient_ref))
 
 
+def history_unavailable(conn: psycopg.Connection[Any], patient_ref: str, checked_at: datetime) -> None:
+    """Remember that the EHR could not be asked (history stays unknown) so each message does not ask again."""
+    conn.execute("UPDATE patients SET history_checked_at = %s WHERE patient_ref = %s", (checked_at, patient_ref))
+
+
 def raise_patient_tier(conn: psycopg.Connection[Any], patient_ref: str, tier: RiskTier, assessment_id: int) -> None:
     """Record the assessment; the tier goes up, never down (a denial does not lower it)."""
     conn.execute(

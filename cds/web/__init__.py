@@ -35,12 +35,18 @@ def create_app(service: Service | None = None, test_config: Mapping[str, Any] | 
         app.config.update(test_config)
     app.extensions["cds"] = service
 
-    from cds.web import api, i18n, outcomes, triage
+    from cds.web import api, i18n, outcomes, screen, triage
 
     outcomes.init_app(app)
     i18n.init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(triage.bp)
+    from integrations.cdshooks import web as cdshooks
+    from integrations.fhir import subscriptions
+
+    app.register_blueprint(cdshooks.bp)
+    app.register_blueprint(subscriptions.bp)
+    app.register_blueprint(screen.bp)
 
     @app.get("/")
     def index() -> Any:

@@ -245,3 +245,57 @@ def writeback_bundle(*, assessment_id: int, patient_ref: str, tier: RiskTier, pr
     }
     entries.append({"resource": provenance, "request": {"method": "PUT", "url": f"Provenance/{prov_id}"}})
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+TASK_STATUS = {"open": "requested", "escalated": "requested", "acknowledged": "accepted",
+               "in_progress": "in-progress", "resolved": "completed"}
+
+
+def _instant(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def task_bundle(*, alert_id: str, task_version: int, patient_ref: str, status: str, priority: str, tier: RiskTier,
+                reason: str, assessment_id: int | None, created_at: datetime, updated_at: datetime,
+                due_at: datetime, escalation: Mapping[str, Any], owner_ref: str | None, care_team_ref: str | None,
+                resolution_code: str | None, notify_text: tuple[str, str] | None, dashboard_url: str) -> dict[str, Any]:
+    """The alert's Task, PUT with a deterministic id so every transition converges on one Task, and a
+    Communication to whoever must act now (new owner after an escalation, a raised priority)."""
+    task_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{CDS_SYSTEM}/alert-task/{alert_id}"))
+    owner = owner_ref or care_team_ref
+    en, zh = TIER_NAMES[tier]
+    task: dict[str, Any] = {
+        "resourceType": "Task", "id": task_id, "identifier": [_ident("alert", alert_id)],
+        "status": TASK_STATUS[status], "intent": "order", "priority": priority,
+        "code": {"text": "Respond to suicide / self-harm risk alert / 响应自杀自伤风险警报"},
+        "description": f"Suicide risk {en} / 自杀风险{zh}: {reason[:500]}",
+        "for": {"reference": patient_ref},
+        "authoredOn": _instant(created_at), "lastModified": _instant(updated_at),
+        "businessStatus": {"coding": [{"system": f"{CDS_SYSTEM}/fhir/CodeSystem/escalation-level",
+                                       "code": str(escalation["code"]), "display": str(escalation["display"])}],
+                           "text": str(escalation["display"])},
+        "restriction": {"period": {"start": _instant(created_at), "end": _instant(due_at)}},
+    }
+    if assessment_id is not None:
+        task["focus"] = {"type": "RiskAssessment", "identifier": _ident("assessment", str(assessment_id))}
+    if owner:
+        task["owner"] = {"reference": owner}
+    if resolution_code:
+        task["statusReason"] = {"coding": [{"system": f"{CDS_SYSTEM}/fhir/CodeSystem/alert-resolution",
+                                            "code": resolution_code}]}
+    entries: list[dict[str, Any]] = [{"resource": task, "request": {"method": "PUT", "url": f"Task/{task_id}"}}]
+    if notify_text is not None:
+        ident = _ident("alert-task-communication", f"{alert_id}/{task_version}")
+        comm: dict[str, Any] = {
+            "resourceType": "Communication", "identifier": [ident], "status": "completed",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/communication-category",
+                                      "code": "alert", "display": "Alert"}]}],
+            "priority": priority, "subject": {"reference": patient_ref}, "sent": _instant(updated_at),
+            "about": [{"reference": f"Task/{task_id}"}],
+            "payload": [{"contentString": f"{notify_text[0]} {dashboard_url}"},
+                        {"contentString": f"{notify_text[1]} {dashboard_url}"}],
+        }
+        if owner:
+            comm["recipient"] = [{"reference": owner}]
+        entries.append(_entry(comm, f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, ident['value'])}", ident))
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
