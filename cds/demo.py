@@ -48,6 +48,34 @@ def start_sandbox(port: int, *, seed: Path | None = None, log_path: Path | None 
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
 
+DEMO_ACCOUNTS = (("zhou.min", "周敏", "nurse", "Practitioner/prac-zhou-min"),
+                 ("whitfield", "Dr Sarah Whitfield", "psychiatrist", "Practitioner/prac-whitfield"),
+                 ("wang.hua", "王华", "supervisor", None),
+                 ("chen.audit", "陈审计", "compliance", None),
+                 ("admin", "Administrator", "admin", None))
+
+
+def create_demo_accounts(url: str, record: Path) -> list[tuple[str, str, str]]:
+    """One account per role with a fresh random password each demo run (printed, never reused)."""
+    import secrets
+
+    from cds.store.db import connect
+    from cds.web.auth import create_user
+
+    created = []
+    with connect(url) as conn:
+        for username, display, role, practitioner in DEMO_ACCOUNTS:
+            password = "-".join(secrets.token_hex(3) for _ in range(3))
+            create_user(conn, username=username, display=display, role=role, password=password,
+                        wards=("*",) if role in ("psychiatrist", "supervisor") else ("ward5",),
+                        practitioner_ref=practitioner)
+            created.append((username, role, password))
+        conn.commit()
+    record.write_text("".join(f"{r}\t{u}\t{p}\n" for u, r, p in created), encoding="utf-8")
+    record.chmod(0o600)
+    return created
+
+
 def run_demo(settings: Settings, *, seed: bool = True) -> None:
     os.environ["CDS_DEMO"] = "true"
     logs = settings.data_dir / "logs"
@@ -55,6 +83,7 @@ def run_demo(settings: Settings, *, seed: bool = True) -> None:
     click.echo("starting embedded PostgreSQL ...")
     url = settings.database_url or start_embedded(settings.data_dir / "pg")
     migrate(url)
+    accounts = create_demo_accounts(url, settings.data_dir / "demo-accounts.txt")
     env = {**os.environ, "CDS_DATABASE_URL": url, "CDS_DEMO": "true"}
     children: list[subprocess.Popen[bytes]] = []
     fhir = urlparse(settings.fhir_base_url)
@@ -81,6 +110,9 @@ def run_demo(settings: Settings, *, seed: bool = True) -> None:
         click.echo(f"  local EHR (FHIR R4)  {settings.fhir_base_url}")
         click.echo(f"  database             {url}")
         click.echo(f"  logs                 {logs}")
+        click.echo("Demo sign-in (one account per role; also in var/demo-accounts.txt):")
+        for username, role, password in accounts:
+            click.echo(f"  {role:<13} {username:<10} {password}")
         click.echo("Press Ctrl-C to stop everything.")
         stop = {"now": False}
         signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))

@@ -295,7 +295,7 @@ class Pipeline:
 
         event = stored.event
         now = self.clock()
-        state = assessment_store.lock_patient(conn, event.patient_ref)
+        state = assessment_store.lock_patient(conn, event.patient_ref, self.settings.default_ward)
         if event_store.newer_version_done(conn, stored):
             event_store.mark_event(conn, stored.id, "superseded")
             return Processed(stored.id, "superseded")

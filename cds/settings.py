@@ -82,6 +82,7 @@ class Settings:
     public_base_url: str  # how clients reach this service (CDS Hooks aud, links in alerts)
     screen_rate_per_min: int  # screening API requests per client per minute
     shadow_rulesets: tuple[Path, ...]  # rule sets evaluated beside the live one, never alerting
+    default_ward: str | None  # ward given to patients the EHR assigns none (demo: ward5)
     extra: Mapping[str, str] = field(default_factory=dict)
     # -- EHR integration: SMART Backend Services, CDS Hooks, Subscriptions, feed watchdog ----------
     fhir_scopes: str = DEFAULT_FHIR_SCOPES  # space-separated SMART system scopes asked of the EHR
@@ -135,6 +136,7 @@ class Settings:
                              or f"http://{env.get('CDS_HOST', '127.0.0.1')}:{env.get('CDS_PORT', '8080')}").rstrip("/"),
             screen_rate_per_min=_int(env, "CDS_SCREEN_RATE_PER_MIN", 600, 1),
             shadow_rulesets=tuple(Path(p) for p in (env.get("CDS_SHADOW_RULESETS") or "").split(os.pathsep) if p),
+            default_ward=env.get("CDS_DEFAULT_WARD") or ("ward5" if _bool(env, "CDS_DEMO", False) else None),
             fhir_scopes=" ".join((env.get("CDS_FHIR_SCOPES") or DEFAULT_FHIR_SCOPES).split()),
             fhir_jwt_alg=_choice(env, "CDS_FHIR_JWT_ALG", "RS384", ("RS384", "ES384")),
             fhir_key_id=env.get("CDS_FHIR_KEY_ID") or None,

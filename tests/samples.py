@@ -36,3 +36,21 @@ def chat(patient_ref: str, text: str, *, session: str = "S-1", sent: str = "2026
             "identifier": [{"system": "http://hospital.example.org/chat-session", "value": session}],
             "category": [{"text": "counselling-chat"}], "sent": sent,
             "sender": {"reference": sender or patient_ref}, "payload": [{"contentString": text}]}
+
+
+def sign_in(client: Any, service: Any, role: str = "nurse", *, username: str | None = None,
+            wards: tuple[str, ...] = ("*",), password: str = "correct horse battery") -> Any:
+    """Create a user with ``role`` and sign the Flask test client in through the real login form."""
+    from cds.web.auth import create_user
+
+    name = username or f"{role}-1"
+    with service.pool.connection() as conn:
+        user = create_user(conn, username=name, display=name.title(), role=role, password=password, wards=wards)
+        conn.commit()
+    with client.session_transaction() as sess:
+        sess["csrf"] = "test-csrf"
+    r = client.post("/auth/login", data={"username": name, "password": password, "csrf_token": "test-csrf"})
+    assert r.status_code == 302, r.data
+    with client.session_transaction() as sess:
+        sess["csrf"] = "test-csrf"
+    return user

@@ -75,9 +75,10 @@ class PatientState:
     history_checked_at: datetime | None = None
 
 
-def lock_patient(conn: psycopg.Connection[Any], patient_ref: str) -> PatientState:
+def lock_patient(conn: psycopg.Connection[Any], patient_ref: str, ward: str | None = None) -> PatientState:
     """Serialise work on one patient across workers (row lock), returning the current state."""
-    conn.execute("INSERT INTO patients (patient_ref) VALUES (%s) ON CONFLICT DO NOTHING", (patient_ref,))
+    conn.execute("INSERT INTO patients (patient_ref, ward) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                 (patient_ref, ward))
     row = conn.execute("SELECT current_tier, tier_since, conditions, prior_attempt, birth_date, history_checked_at"
                        " FROM patients WHERE patient_ref = %s FOR UPDATE", (patient_ref,)).fetchone()
     assert row is not None

@@ -30,15 +30,18 @@ def create_app(service: Service | None = None, test_config: Mapping[str, Any] | 
     settings = service.settings
     app.config.update(SECRET_KEY=_secret_key(settings), CDS_LOCALE=settings.default_locale,
                       SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax",
+                      SESSION_COOKIE_SECURE=settings.public_base_url.startswith("https://"),
                       MAX_CONTENT_LENGTH=2 * 1024 * 1024)
     if test_config:
         app.config.update(test_config)
     app.extensions["cds"] = service
 
-    from cds.web import api, i18n, outcomes, screen, triage
+    from cds.web import api, auth, i18n, outcomes, screen, triage
 
     outcomes.init_app(app)
     i18n.init_app(app)
+    auth.init_app(app)
+    app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(triage.bp)
     from integrations.cdshooks import web as cdshooks
@@ -50,9 +53,14 @@ def create_app(service: Service | None = None, test_config: Mapping[str, Any] | 
 
     @app.get("/")
     def index() -> Any:
+        """Each role lands on its own page."""
         from flask import redirect, url_for
 
-        return redirect(url_for("triage.queue"))
+        user = auth.current_user()
+        if user is None:
+            return redirect(url_for("auth.login"))
+        home = {"compliance": "audit.search", "psychiatrist": "dashboard.patients"}.get(user.role, "triage.queue")
+        return redirect(url_for(home) if home in app.view_functions else url_for("triage.queue"))
 
     return app
 

@@ -41,6 +41,20 @@ MESSAGES: dict[str, dict[str, str]] = {
     "kind.indeterminate": {"en": "Incomplete data", "zh-CN": "数据不完整"},
     "error": {"en": "Error", "zh-CN": "错误"},
     "back": {"en": "Back", "zh-CN": "返回"},
+    "sign_in": {"en": "Sign in", "zh-CN": "登录"},
+    "sign_out": {"en": "Sign out", "zh-CN": "退出"},
+    "username": {"en": "User name", "zh-CN": "用户名"},
+    "password": {"en": "Password", "zh-CN": "密码"},
+    "login_failed": {"en": "Wrong user name or password.", "zh-CN": "用户名或密码错误。"},
+    "login_locked": {"en": "Too many failed attempts: this account is locked for 15 minutes.",
+                     "zh-CN": "失败次数过多：该账号已锁定 15 分钟。"},
+    "session_expired": {"en": "You were signed out after 15 minutes without activity.",
+                        "zh-CN": "15 分钟无操作，已自动退出。"},
+    "role.psychiatrist": {"en": "Psychiatrist", "zh-CN": "精神科医生"},
+    "role.nurse": {"en": "Nurse", "zh-CN": "护士"},
+    "role.supervisor": {"en": "Supervisor", "zh-CN": "护士长/主管"},
+    "role.compliance": {"en": "Compliance officer", "zh-CN": "合规专员"},
+    "role.admin": {"en": "Administrator", "zh-CN": "管理员"},
 }
 
 

@@ -5,27 +5,30 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, g, jsonify, redirect, render_template, request, url_for
+from flask import Blueprint, jsonify, redirect, render_template, request, url_for
 
-from cds.alerts import acknowledge, list_open
+from cds.alerts import list_open
 from cds.web import service
+from cds.web.auth import current_user, login_required
 
 bp = Blueprint("triage", __name__, url_prefix="/triage")
 
 
 def current_actor() -> str:
-    # Sign-in and roles arrive with the pages issue; until then every action is recorded as this actor.
-    return str(getattr(g, "user", None) or "demo-nurse")
+    user = current_user()
+    assert user is not None  # every view here is behind login_required
+    return user.actor
 
 
 @bp.get("")
+@login_required("nurse", "supervisor", "psychiatrist")
 def queue() -> Any:
     from compliance import audit
 
     svc = service()
     with svc.pool.connection() as conn:
         alerts = list_open(conn)
-        audit.record(conn, event_type="rest.search", action="E", actor=current_actor(), role="nurse",
+        audit.record(conn, event_type="rest.search", action="E", actor=current_actor(), role=current_user().role,
                      purpose="TREAT", entity={"what": "alerts", "count": len(alerts)},
                      detail={"page": "/triage"})
         conn.commit()
@@ -38,14 +41,16 @@ def queue() -> Any:
 
 
 @bp.post("/<alert_id>/ack")
+@login_required("nurse", "supervisor", "psychiatrist")
 def ack(alert_id: str) -> Any:
-    from compliance import audit
+    from cds.alerts.workflow import acknowledge_alert
 
     svc = service()
+    user = current_user()
+    assert user is not None
     with svc.pool.connection() as conn:
-        alert = acknowledge(conn, alert_id, current_actor(), datetime.now(UTC))
-        audit.record(conn, event_type="alert.acknowledge", action="U", actor=current_actor(), role="nurse",
-                     patient_ref=alert.patient_ref, purpose="TREAT", entity={"alert_id": str(alert.id)})
+        alert = acknowledge_alert(conn, svc.cipher, svc.settings, alert_id, actor=user.actor, role=user.role,
+                                  now=datetime.now(UTC))
         conn.commit()
     if request.accept_mimetypes.best == "application/json":
         return jsonify({"id": str(alert.id), "status": alert.status})

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from cds.jobs import build_scheduler, ingest_cycle
-from tests.samples import chat, patient, phq9
+from tests.samples import chat, patient, phq9, sign_in
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +48,8 @@ def test_positive_phq9_reaches_the_ehr_and_the_triage_queue(ehr: Any, service: A
     assert comms[0]["priority"] in ("urgent", "asap", "stat")
     provenance = ehr.search("Provenance")
     assert any(t["reference"] == f"RiskAssessment/{ra['id']}" for p in provenance for t in p["target"])
+    assert client.get("/triage").status_code == 302  # sign in first
+    sign_in(client, service, "nurse")
     queue = client.get("/triage", headers={"Accept": "application/json"}).get_json()
     assert [a["patient"] for a in queue] == [ref]
     assert "PHQ-9" in queue[0]["reason"] or "item 9" in queue[0]["reason"].lower()
