@@ -64,6 +64,24 @@ def escalate_overdue(service: Service) -> int:
     return len(escalated)
 
 
+def export_audit_to_ehr(service: Service) -> int:
+    """Queue new audit records as AuditEvent batches for the EHR (delivered by the outbox)."""
+    from compliance.ehr_export import queue_audit_export
+
+    with service.pool.connection() as conn:
+        with conn.transaction():
+            return queue_audit_export(conn, service.cipher)
+
+
+def apply_retention(service: Service) -> dict[str, int]:
+    """Erase what is past its retention period (audited, idempotent)."""
+    from compliance.retention import apply_retention as apply
+
+    with service.pool.connection() as conn:
+        with conn.transaction():
+            return apply(conn, service.cipher, service.pipeline.clock())
+
+
 def sign_audit_checkpoint(service: Service) -> None:
     from compliance import audit
 
@@ -96,4 +114,6 @@ def build_scheduler(service: Service) -> BackgroundScheduler:
     scheduler.add_job(_safely(deliver_outbox, service), "interval", seconds=s.outbox_interval_s, id="outbox")
     scheduler.add_job(_safely(escalate_overdue, service), "interval", seconds=15, id="escalate_overdue")
     scheduler.add_job(_safely(sign_audit_checkpoint, service), "interval", minutes=5, id="audit_checkpoint")
+    scheduler.add_job(_safely(export_audit_to_ehr, service), "interval", minutes=1, id="audit_export")
+    scheduler.add_job(_safely(apply_retention, service), "interval", hours=6, id="retention")
     return scheduler

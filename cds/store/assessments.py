@@ -113,3 +113,33 @@ def set_fhir_id(conn: psycopg.Connection[Any], assessment_id: int, fhir_id: str)
 
 def window_start(now: datetime, days: int) -> datetime:
     return now - timedelta(days=days)
+
+
+def iter_backtest_rows(conn: psycopg.Connection[Any], since: datetime | None,
+                       lookback: timedelta = timedelta(days=14)) -> Any:
+    """Stored live assessments in time order, each with the history the patient had then (previous
+    tier, earlier signals in the look-back window), from the non-PHI signal summaries: a backtest
+    never decrypts patient text. Prior attempt and diagnoses are today's, not as they were then."""
+    from cds.domain import History
+    from cds.triage.backtest import BacktestRow
+
+    tiers: dict[str, RiskTier] = {}
+    recent: dict[str, list[Signal]] = {}
+    facts = {r[0]: (r[1], tuple(r[2] or ())) for r in
+             conn.execute("SELECT patient_ref, prior_attempt, conditions FROM patients")}
+    with conn.cursor(name="backtest_rows") as cur:
+        cur.execute("SELECT patient_ref, created_at, tier, signal_summary FROM assessments WHERE NOT shadow"
+                    " AND (%s::timestamptz IS NULL OR created_at >= %s) ORDER BY created_at, id", (since, since))
+        for patient_ref, created_at, tier, summary in cur:
+            signals = [Signal(name=s["name"], value=s.get("value"), source=s.get("source", ""),
+                              tier=RiskTier.from_label(s["tier"]) if s.get("tier") else None,
+                              missing=tuple(s.get("missing") or ()), observed_at=created_at)
+                       for s in summary or []]
+            window = [s for s in recent.get(patient_ref, []) if s.observed_at and created_at - s.observed_at <= lookback]
+            prior_attempt, conditions = facts.get(patient_ref, (None, ()))
+            history = History(previous_tier=tiers.get(patient_ref), prior_attempt=prior_attempt,
+                              conditions=conditions, recent_signals=tuple(window))
+            yield BacktestRow(day=created_at.date(), patient_ref=patient_ref, signals=signals, history=history,
+                              now=created_at)
+            recent[patient_ref] = window + signals
+            tiers[patient_ref] = max(tiers.get(patient_ref, RiskTier.NONE), RiskTier(tier))

@@ -49,3 +49,40 @@ def check(rules_dir: Path | None, verbose: bool) -> None:
     click.echo(f"cases: {len(results) - bad} passed, {bad} failed")
     if failed or bad:
         raise SystemExit(1)
+
+
+@rules.command("backtest")
+@click.option("--ruleset", "ruleset_path", required=True, type=click.Path(exists=True, path_type=Path),
+              help="candidate rule set: a directory with ruleset.yaml (or the file)")
+@click.option("--since", type=click.DateTime(formats=["%Y-%m-%d"]), default=None,
+              help="replay stored history from this day (default: all)")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.pass_obj
+def backtest_command(obj: dict[str, object], ruleset_path: Path, since: object, as_json: bool) -> None:
+    """Replay stored history through a candidate rule set: alerts per day and per rule versus the live set."""
+    import json
+    from datetime import UTC
+
+    from cds.store.assessments import iter_backtest_rows
+    from cds.store.db import connect
+
+    from .backtest import backtest
+
+    candidate = load_ruleset(ruleset_path)
+    live = load_ruleset()
+    start = since.replace(tzinfo=UTC) if since is not None else None  # type: ignore[attr-defined]
+    url = obj["db_url"]()  # type: ignore[operator]
+    with connect(url) as conn:
+        report = backtest(candidate, live, iter_backtest_rows(conn, start), progress=True)
+    if as_json:
+        click.echo(json.dumps({
+            "candidate": {"version": report.candidate_version, "hash": report.candidate_hash},
+            "live": {"version": report.live_version, "hash": report.live_hash}, "events": report.rows,
+            "by_day": {d.isoformat(): {"candidate": c.candidate, "live": c.live} for d, c in sorted(report.by_day.items())},
+            "by_rule": {r: {"candidate": c.candidate, "live": c.live} for r, c in sorted(report.by_rule.items())},
+            "tier_higher": report.tier_higher, "tier_lower": report.tier_lower}, indent=2))
+        return
+    for line in report.summary_lines():
+        click.echo(line)
+    for day, counts in sorted(report.by_day.items()):
+        click.echo(f"  {day.isoformat()}: candidate {counts.candidate}, live {counts.live} ({counts.delta:+d})")

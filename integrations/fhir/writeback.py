@@ -74,9 +74,9 @@ def drain_outbox(pool: ConnectionPool, cipher: Cipher, client: FhirClient, *, li
             if item.dedupe_key.startswith("assessment:") and ids.get("RiskAssessment"):
                 assessment_store.set_fhir_id(conn, int(item.dedupe_key.split(":", 1)[1]),
                                              ids["RiskAssessment"][0])
-            audit.record(conn, event_type="fhir.write", action="C", actor="psych-cds", outcome=0,
-                         patient_ref=item.patient_ref,
-                         entity={"outbox_id": item.id, "created": {k: v for k, v in ids.items()}},
-                         detail={"kind": item.kind, "attempts": item.attempts + 1})
+            if item.kind != "audit-export":  # auditing the export would create a record to export, forever
+                audit.record(conn, event_type="fhir.write", action="C", actor="psych-cds", outcome=0,
+                             patient_ref=item.patient_ref, entity={"outbox_id": item.id, "created": dict(ids)},
+                             detail={"kind": item.kind, "attempts": item.attempts + 1})
             sent += 1
     return DrainResult(sent, retrying, dead)
