@@ -55,20 +55,21 @@ def percentile(values: list[float], p: float) -> float:
 class Stack:
     """Embedded PostgreSQL + local EHR + N `cds worker` processes, all started here and stopped after."""
 
-    def __init__(self, workers: int = 1) -> None:
+    def __init__(self, workers: int = 1, poll_page_size: int = 100) -> None:
         from cds.demo import start_sandbox, wait_for
         from cds.store.db import migrate, start_embedded
 
         self.tmp = Path(tempfile.mkdtemp(prefix="cds-bench-"))
         self.db_url = start_embedded(self.tmp / "pg")
         migrate(self.db_url)
-        port = 18090
+        port = 18090 + int.from_bytes(os.urandom(1), "big")
         self.ehr_root = f"http://127.0.0.1:{port}"
         self.sandbox = start_sandbox(port, log_path=self.tmp / "sandbox.log")
         wait_for(f"{self.ehr_root}/healthz", 30, "the local EHR", self.sandbox)
         self.env = {**os.environ, "CDS_DATABASE_URL": self.db_url, "CDS_FHIR_BASE_URL": f"{self.ehr_root}/fhir",
                     "CDS_DATA_DIR": str(self.tmp), "CDS_DEMO": "true", "CDS_POLL_INTERVAL_S": "0.5",
-                    "CDS_OUTBOX_INTERVAL_S": "0.25", "CDS_POLL_OVERLAP_S": "5", "CDS_LOG_FORMAT": "json"}
+                    "CDS_OUTBOX_INTERVAL_S": "0.25", "CDS_POLL_OVERLAP_S": "5", "CDS_LOG_FORMAT": "json",
+                    "CDS_POLL_PAGE_SIZE": str(poll_page_size), "CDS_PUBLIC_BASE_URL": "http://127.0.0.1:18080"}
         self.workers = [subprocess.Popen([sys.executable, "-m", "cds.cli", "worker"], env=self.env,
                                          stdout=open(self.tmp / f"worker{i}.log", "ab"), stderr=subprocess.STDOUT)
                         for i in range(workers)]
@@ -127,8 +128,212 @@ def bench_questionnaire_to_writeback(n: int = 20) -> dict[str, Any]:
         stack.close()
 
 
+RISK_MIX = (  # (share, text, expected to alert): a realistic day is mostly everyday talk
+    (0.55, "今天考试压力好大，不过还好", False),
+    (0.20, "work was long today, I'm tired but ok", False),
+    (0.08, "有时候觉得活着没什么意思", False),
+    (0.07, "I keep thinking about killing myself", True),
+    (0.05, "我想自杀，每天都在想", True),
+    (0.03, "I have saved up the pills and I will take them all tonight", True),
+    (0.02, "我已经攒够了安眠药，打算这周末全部吃掉", True),
+)
+
+
+def _day_of_messages(patients: list[str], n: int, seed: int = 7) -> list[tuple[str, str, bool]]:
+    import random
+
+    rng = random.Random(seed)
+    shares = [m[0] for m in RISK_MIX]
+    out = []
+    for i in range(n):
+        _, text, alerting = rng.choices(RISK_MIX, weights=shares)[0]
+        out.append((patients[i % len(patients)], f"{text} ({i})", alerting))
+    return out
+
+
+def bench_ingest(n_patients: int = 300, n_messages: int = 6000, workers: int = 1) -> dict[str, Any]:
+    """A synthetic ward day pushed through the EHR and polled: throughput, creation -> write-back latency,
+    lost and duplicated alerts (checked in the EHR)."""
+    from tests.samples import chat, patient
+
+    stack = Stack(workers=workers, poll_page_size=500)
+    try:
+        time.sleep(3)
+        bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+            {"resource": patient(mrn=f"MRN-D-{i}"), "request": {"method": "POST", "url": "Patient"}}
+            for i in range(n_patients)]}
+        created = stack.http.post(f"{stack.ehr_root}/fhir", json=bundle, timeout=60).json()
+        refs = [e["response"]["location"].split("/_history")[0] for e in created["entry"]]
+        day = _day_of_messages(refs, n_messages)
+        expected = {ref for ref, _, alerting in day if alerting}
+        t0 = time.monotonic()
+        for i in range(0, len(day), 100):
+            entries = [{"resource": chat(ref, text, session=f"S-{ref}"), "request": {"method": "POST",
+                                                                                     "url": "Communication"}}
+                       for ref, text, _ in day[i:i + 100]]
+            stack.http.post(f"{stack.ehr_root}/fhir", json={"resourceType": "Bundle", "type": "batch",
+                                                            "entry": entries}, timeout=60).raise_for_status()
+        posted_s = time.monotonic() - t0
+
+        import psycopg
+
+        def settled() -> bool:
+            with psycopg.connect(stack.db_url) as conn:
+                done = conn.execute("SELECT count(*) FROM events WHERE status IN ('done', 'failed')").fetchone()[0]
+                pending = conn.execute("SELECT count(*) FROM outbox WHERE status = 'pending'").fetchone()[0]
+            return bool(done >= n_messages and pending == 0)
+
+        wait_for_result(settled, timeout_s=1800)
+        with psycopg.connect(stack.db_url) as conn:
+            first, last = conn.execute("SELECT min(e.source_updated), max(o.sent_at) FROM events e, outbox o"
+                                       " WHERE o.status = 'sent'").fetchone()
+            lat = [r[0] for r in conn.execute(
+                "SELECT extract(epoch FROM o.sent_at - e.source_updated) * 1000 FROM assessments a"
+                " JOIN events e ON e.id = a.event_id JOIN outbox o ON o.dedupe_key = 'assessment:' || a.id"
+                " WHERE o.status = 'sent' AND NOT a.shadow AND a.event_id IS NOT NULL")]
+            alerted = {r[0] for r in conn.execute("SELECT DISTINCT patient_ref FROM alerts")}
+            failed = conn.execute("SELECT count(*) FROM events WHERE status = 'failed'").fetchone()[0]
+        flags = []
+        url = f"{stack.ehr_root}/fhir/Flag?_count=1000"
+        while url:
+            page = stack.http.get(url, timeout=60).json()
+            flags += [e["resource"] for e in page.get("entry", [])]
+            url = next((lk["url"] for lk in page.get("link", []) if lk.get("relation") == "next"), None)
+        per_alert: dict[str, int] = {}
+        for f in flags:
+            key = f["identifier"][0]["value"]
+            per_alert[key] = per_alert.get(key, 0) + 1
+        span = (last - first).total_seconds() if first and last else float("nan")
+        return {"patients": n_patients, "messages": n_messages, "workers": workers, "mode": "polled",
+                "poll_interval_s": 0.5, "post_s": round(posted_s, 1),
+                "messages_per_s": round(n_messages / span, 1) if span else None,
+                "p50_ms": round(percentile([float(x) for x in lat], 50), 1) if lat else None,
+                "p99_ms": round(percentile([float(x) for x in lat], 99), 1) if lat else None,
+                "writebacks": len(lat), "expected_alert_patients": len(expected),
+                "lost": len(expected - alerted), "duplicated": sum(n - 1 for n in per_alert.values() if n > 1),
+                "failed_events": failed}
+    finally:
+        stack.close()
+
+
+def bench_scale() -> dict[str, Any]:
+    n = int(os.environ.get("BENCH_SCALE_MESSAGES", "3000"))
+    rows = []
+    for workers in (1, 2, 4):
+        result = bench_ingest(n_patients=200, n_messages=n, workers=workers)
+        rows.append({"workers": workers, "messages_per_s": result["messages_per_s"], "p99_ms": result["p99_ms"],
+                     "lost": result["lost"], "duplicated": result["duplicated"]})
+    return {"workers": rows, "messages": n}
+
+
+def bench_classifier() -> dict[str, Any]:
+    from cds.nlp.bench import run
+
+    return dict(run())
+
+
+def bench_rules(n: int = 20000) -> dict[str, Any]:
+    """Assessments per second of the triage engine alone, over a mix of signals."""
+    from datetime import UTC, datetime
+
+    from cds.domain import History, RiskTier, Signal
+    from cds.triage import load_ruleset
+
+    ruleset = load_ruleset()
+    now = datetime.now(UTC)
+    mixes = [
+        [Signal("phq9.item9", 2, "bench", RiskTier.MODERATE), Signal("phq9.total", 14, "bench")],
+        [Signal("text.tier", "high", "bench", RiskTier.HIGH), Signal("text.harm_to_others", False, "bench")],
+        [Signal("text.safety_net", ["plan", "timing"], "bench", RiskTier.IMMINENT),
+         Signal("text.tier", "imminent", "bench", RiskTier.IMMINENT)],
+        [Signal("gad7.total", 9, "bench"), Signal("phq9.item9", 0, "bench", RiskTier.NONE)],
+    ]
+    history = History(previous_tier=RiskTier.LOW, prior_attempt=False,
+                      recent_signals=(Signal("text.tier", "moderate", "bench", RiskTier.MODERATE, observed_at=now),))
+    t0 = time.perf_counter()
+    for i in range(n):
+        ruleset.evaluate(mixes[i % len(mixes)], history, now)
+    return {"assessments_per_s": round(n / (time.perf_counter() - t0), 1), "rules": len(ruleset.rules), "n": n}
+
+
+def bench_audit() -> dict[str, Any]:
+    from compliance.bench import bench_audit as run
+    from cds.store.db import start_embedded
+
+    url = start_embedded(Path(tempfile.mkdtemp(prefix="cds-bench-audit-")) / "pg")
+    result = dict(run(url, n_append=2000, n_verify=int(os.environ.get("BENCH_AUDIT_VERIFY", "1000000"))))
+    return result
+
+
+def bench_screen_api(clients: int = 4, per_client: int = 250) -> dict[str, Any]:
+    """POST /api/v1/screen through gunicorn (2 processes) with the model and the pipeline in the path."""
+    import threading
+
+    import psycopg
+
+    from cds.demo import wait_for
+    from cds.store.clients import add_client
+
+    stack = Stack(workers=0)
+    port = 18080
+    env = {**stack.env, "CDS_PORT": str(port), "CDS_SCREEN_RATE_PER_MIN": "100000"}
+    web = subprocess.Popen([sys.executable, "-m", "cds.cli", "serve", "--workers", "2"], env=env,
+                           stdout=open(stack.tmp / "web.log", "ab"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", 60, "the web service", web)
+        with psycopg.connect(stack.db_url) as conn:
+            conn.execute("SET ROLE cds_app")
+            key = add_client(conn, "bench-bot", "bench")
+            conn.commit()
+        texts = [text for _, text, _ in RISK_MIX]
+        latencies: list[float] = []
+        errors: list[int] = []
+        lock = threading.Lock()
+
+        def client(c: int) -> None:
+            http = requests.Session()
+            for i in range(per_client):
+                body = {"patient": f"Patient/bench-{c}-{i % 20}", "conversation": f"conv-{c}-{i % 20}",
+                        "message": f"{texts[i % len(texts)]} #{i}", "lang": "zh" if i % 2 else "en"}
+                t = time.perf_counter()
+                r = http.post(f"http://127.0.0.1:{port}/api/v1/screen", json=body,
+                              headers={"Authorization": f"Bearer {key}"}, timeout=30)
+                ms = (time.perf_counter() - t) * 1000
+                with lock:
+                    latencies.append(ms)
+                    if r.status_code != 200:
+                        errors.append(r.status_code)
+
+        # warm-up: first requests load the model in each gunicorn process
+        for i in range(10):
+            requests.post(f"http://127.0.0.1:{port}/api/v1/screen", headers={"Authorization": f"Bearer {key}"},
+                          json={"patient": "Patient/warm", "conversation": "w", "message": f"hello {i}"}, timeout=30)
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        return {"clients": clients, "requests": len(latencies), "errors": len(errors),
+                "p50_ms": round(percentile(latencies, 50), 1), "p99_ms": round(percentile(latencies, 99), 1),
+                "requests_per_s": round(len(latencies) / elapsed, 1), "web_processes": 2,
+                "note": "load generator on the same 2 cores as the server"}
+    finally:
+        web.terminate()
+        web.wait(timeout=15)
+        stack.close()
+
+
 SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "questionnaire_to_writeback": bench_questionnaire_to_writeback,
+    "classifier": bench_classifier,
+    "rules": bench_rules,
+    "audit": bench_audit,
+    "screen_api": bench_screen_api,
+    "ingest_to_alert": lambda: bench_ingest(int(os.environ.get("BENCH_PATIENTS", "300")),
+                                            int(os.environ.get("BENCH_MESSAGES", "6000"))),
+    "scale": bench_scale,
 }
 
 

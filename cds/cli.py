@@ -231,6 +231,9 @@ def _register_optional_groups() -> None:
     from cds.triage.commands import rules
     from compliance.commands import audit, keys, patient
 
+    from integrations.fhir.smart import jwks_command
+
+    keys.add_command(jwks_command)  # `cds keys jwks`: the public keys to register with the EHR
     for command in (rules, model_group, classify_command, audit, keys, patient):
         cli.add_command(command)
 

@@ -57,8 +57,11 @@ def escalate_overdue(service: Service) -> int:
     from cds.alerts.workflow import escalate_overdue_alerts
 
     with service.pool.connection() as conn:
-        with conn.transaction():
+        conn.autocommit = True  # each escalation commits on its own (see escalate_overdue_alerts)
+        try:
             escalated = escalate_overdue_alerts(conn, service.cipher, service.settings, service.pipeline.clock())
+        finally:
+            conn.autocommit = False
     if escalated:
         deliver_outbox(service)
     return len(escalated)
@@ -80,6 +83,13 @@ def apply_retention(service: Service) -> dict[str, int]:
     with service.pool.connection() as conn:
         with conn.transaction():
             return apply(conn, service.cipher, service.pipeline.clock())
+
+
+def watch_feeds(service: Service) -> int:
+    """A silent feed is a safety incident: raise (and clear) operations alarms for EHR feeds."""
+    from integrations.fhir.watchdog import check_feeds
+
+    return len(check_feeds(service, service.pipeline.clock()))
 
 
 def sign_audit_checkpoint(service: Service) -> None:
@@ -115,5 +125,6 @@ def build_scheduler(service: Service) -> BackgroundScheduler:
     scheduler.add_job(_safely(escalate_overdue, service), "interval", seconds=15, id="escalate_overdue")
     scheduler.add_job(_safely(sign_audit_checkpoint, service), "interval", minutes=5, id="audit_checkpoint")
     scheduler.add_job(_safely(export_audit_to_ehr, service), "interval", minutes=1, id="audit_export")
+    scheduler.add_job(_safely(watch_feeds, service), "interval", minutes=1, id="feed_watchdog")
     scheduler.add_job(_safely(apply_retention, service), "interval", hours=6, id="retention")
     return scheduler

@@ -150,6 +150,14 @@ def assess(event: Event, history: History, engines: Engines, *, now: datetime,
 
 # -- with the store -------------------------------------------------------------------------------
 
+CONTEXT_MESSAGES = 8  # earlier messages of a conversation read with each new one
+
+
+def _append_audits(conn: psycopg.Connection[Any], audits: list[dict[str, Any]]) -> None:
+    from compliance import audit
+
+    audit.record_batch(conn, audits)
+
 
 @dataclass(frozen=True)
 class IngestResult:
@@ -228,39 +236,52 @@ class Pipeline:
     # process --------------------------------------------------------------------------------------
 
     def process_pending(self, limit: int | None = None) -> list[Processed]:
-        """Claim and process a batch of pending events in one transaction (one savepoint per event)."""
+        """Claim and process a batch of pending events in one transaction (one savepoint per event).
+
+        Audit records of the batch are appended together just before the commit: the audit chain's
+        append lock is then held for milliseconds, not for the whole batch (which would make every
+        ingest and every other worker wait on it, and could deadlock against row locks).
+        """
         results: list[Processed] = []
-        with self.pool.connection() as conn, conn.transaction():
-            claimed = event_store.claim_pending(conn, self.cipher, limit or self.settings.worker_batch_size)
-            # Patient row locks are taken in patient order, so concurrent workers never deadlock.
-            for stored in sorted(claimed, key=lambda s: (s.event.patient_ref, s.id)):
-                results.append(self._process_guarded(conn, stored))
+        with self.pool.connection() as conn:
+            with conn.transaction():
+                audits: list[dict[str, Any]] = []
+                claimed = event_store.claim_pending(conn, self.cipher, limit or self.settings.worker_batch_size)
+                # Patient row locks are taken in patient order, so concurrent workers never deadlock.
+                for stored in sorted(claimed, key=lambda s: (s.event.patient_ref, s.id)):
+                    results.append(self._process_guarded(conn, stored, audits))
+                _append_audits(conn, audits)
         return results
 
     def process_event(self, event_id: int) -> Processed | None:
         """Process one stored event now (the screening API's synchronous path)."""
-        with self.pool.connection() as conn, conn.transaction():
-            stored = event_store.claim_event(conn, self.cipher, event_id)
-            if stored is None:
-                return None
-            return self._process_guarded(conn, stored)
+        with self.pool.connection() as conn:
+            with conn.transaction():
+                stored = event_store.claim_event(conn, self.cipher, event_id)
+                if stored is None:
+                    return None
+                audits: list[dict[str, Any]] = []
+                processed = self._process_guarded(conn, stored, audits)
+                _append_audits(conn, audits)
+                return processed
 
-    def _process_guarded(self, conn: psycopg.Connection[Any], stored: event_store.StoredEvent) -> Processed:
+    def _process_guarded(self, conn: psycopg.Connection[Any], stored: event_store.StoredEvent,
+                         audits: list[dict[str, Any]]) -> Processed:
+        mark = len(audits)
         try:
             with conn.transaction():
-                return self._process(conn, stored)
+                return self._process(conn, stored, audits)
         except (CdsError, CryptoError, psycopg.Error, ValueError, KeyError, TypeError) as exc:
+            del audits[mark:]  # what the rolled-back savepoint did, it did not do
             # Never swallowed: counted, logged without PHI, and parked as failed after the last attempt.
             error = f"{exc.__class__.__name__}: {str(exc)[:300]}"
             status = event_store.record_failure(conn, stored.id, error, max_attempts=5)
             log.error("event processing failed", extra={"event_id": stored.id, "error": error, "status": status})
             if status == "failed":
-                from compliance import audit
-
-                audit.record(conn, event_type="event.failed", action="E", actor="psych-cds", outcome=8,
-                             patient_ref=stored.event.patient_ref,
-                             entity={"event_id": stored.id, "what": event_reference(stored.event)},
-                             detail={"error": error})
+                audits.append(dict(event_type="event.failed", action="E", actor="psych-cds", outcome=8,
+                                   patient_ref=stored.event.patient_ref,
+                                   entity={"event_id": stored.id, "what": event_reference(stored.event)},
+                                   detail={"error": error}))
             return Processed(stored.id, "failed" if status == "failed" else "retry")
 
     def _history(self, conn: psycopg.Connection[Any], state: assessment_store.PatientState,
@@ -288,10 +309,10 @@ class Pipeline:
                        prior_attempt=state.prior_attempt, conditions=state.conditions or (), age_years=age,
                        recent_signals=tuple(recent))
 
-    def _process(self, conn: psycopg.Connection[Any], stored: event_store.StoredEvent) -> Processed:
+    def _process(self, conn: psycopg.Connection[Any], stored: event_store.StoredEvent,
+                 audits: list[dict[str, Any]]) -> Processed:
         from cds.alerts import get_alert
         from cds.alerts.mirror import mirror_alert
-        from compliance import audit
 
         event = stored.event
         now = self.clock()
@@ -304,7 +325,8 @@ class Pipeline:
             from integrations.fhir.mapping import communication_text, is_patient_authored
 
             context = [communication_text(m.event.resource)
-                       for m in event_store.conversation_messages(conn, self.cipher, stored)
+                       for m in event_store.conversation_messages(conn, self.cipher, stored,
+                                                                  limit=CONTEXT_MESSAGES)
                        if is_patient_authored(m.event.resource, event.patient_ref)]
         history = self._history(conn, state, now)
         assessed = assess(event, history, self.engines, now=now, context=context)
@@ -320,33 +342,31 @@ class Pipeline:
                                                scores=assessed.scores, shadow=True,
                                                ruleset_version=shadow_rs.version)
         assessment_store.raise_patient_tier(conn, event.patient_ref, a.tier, assessment_id)
-        alert_ids, changed, priority = self._act_on_alerts(conn, a, assessment_id, now)
+        alert_ids, changed, priority = self._act_on_alerts(conn, a, assessment_id, now, audits)
         if alert_ids or a.tier >= RiskTier.LOW or a.indeterminate:
             self._enqueue_writeback(conn, a, assessment_id, alert_ids[0] if alert_ids else None, bool(changed),
                                     priority, now)
         for alert_id in changed:  # after the write-back: one patient's outbox rows are delivered in order
             mirror_alert(conn, self.cipher, get_alert(conn, alert_id), self.settings)
-        audit.record(conn, event_type="assessment", action="C", actor="psych-cds",
+        audits.append(dict(event_type="assessment", action="C", actor="psych-cds",
                      patient_ref=event.patient_ref, outcome=0,
                      entity={"what": event_reference(event), "assessment_id": assessment_id},
                      detail={"tier": a.tier.label, "flags": sorted(a.flags),
                              "rules": [f"{f.id}@{f.version}" for f in a.fired],
                              "ruleset": a.ruleset_hash, "model_sha256": a.model_sha256,
-                             "alerts": list(alert_ids)})
+                             "alerts": list(alert_ids)}))
         event_store.mark_event(conn, stored.id, "done")
         log.info("event assessed", extra={"event_id": stored.id, "assessment_id": assessment_id,
                                           "tier": a.tier.label, "alerts": len(alert_ids)})
         return Processed(stored.id, "done", assessment_id, a, tuple(alert_ids))
 
     def _act_on_alerts(self, conn: psycopg.Connection[Any], a: Assessment, assessment_id: int,
-                       now: datetime) -> tuple[list[str], list[str], str]:
+                       now: datetime, audits: list[dict[str, Any]]) -> tuple[list[str], list[str], str]:
         from cds.alerts import PRIORITY_RANK, raise_alert
         from cds.triage import sla_for
-        from compliance import audit
 
         alert_ids: list[str] = []
         changed: list[str] = []
-        new_or_raised = False
         top_priority = "routine"
         reason = "; ".join(f.title for f in a.fired) or "risk signal"
         for action in a.actions:
@@ -360,12 +380,12 @@ class Pipeline:
             if change.alert_id not in alert_ids:
                 alert_ids.append(change.alert_id)
             if change.created or change.raised:
-                new_or_raised = True
                 changed.append(change.alert_id)
-                audit.record(conn, event_type="alert.open" if change.created else "alert.raise", action="C"
-                             if change.created else "U", actor="psych-cds", patient_ref=a.patient_ref,
-                             entity={"alert_id": change.alert_id, "assessment_id": assessment_id},
-                             detail={"priority": action.priority, "kind": kind, "tier": a.tier.label})
+                audits.append(dict(event_type="alert.open" if change.created else "alert.raise",
+                                   action="C" if change.created else "U", actor="psych-cds",
+                                   patient_ref=a.patient_ref,
+                                   entity={"alert_id": change.alert_id, "assessment_id": assessment_id},
+                                   detail={"priority": action.priority, "kind": kind, "tier": a.tier.label}))
             if PRIORITY_RANK[action.priority] > PRIORITY_RANK[top_priority]:
                 top_priority = action.priority
         return alert_ids, changed, top_priority

@@ -620,3 +620,11 @@ def verify(conn: psycopg.Connection[Any], from_seq: int | None = None, to_seq: i
         return VerifyResult(True, checked, None, "ok", checkpoints_ok)
     first = min(candidates, key=lambda p: p.seq)
     return VerifyResult(False, checked, first.seq, first.reason, checkpoints_ok)
+
+
+def record_batch(conn: psycopg.Connection[Any], entries: Iterable[Mapping[str, Any]]) -> None:
+    """Append several records at once, for callers that collect them during a long transaction and
+    append them last: the chain's append lock is then held only from here to the commit, never across
+    network calls or other work (which would make every audited transaction wait on it)."""
+    for entry in entries:
+        record(conn, **entry)

@@ -75,8 +75,18 @@ def escalate_alert(conn: psycopg.Connection[Any], cipher: Cipher, settings: Sett
 
 
 def escalate_overdue_alerts(conn: psycopg.Connection[Any], cipher: Cipher, settings: Settings,
-                            now: datetime) -> list[alerts.Alert]:
-    """One step up for every alert whose acknowledgement deadline has passed (the scheduled job)."""
-    return [escalate_alert(conn, cipher, settings, str(a.id), actor="psych-cds", role=None, now=now,
-                           reason="acknowledgement deadline passed")
-            for a in alerts.overdue_alerts(conn, now)]
+                            now: datetime, limit: int = 100) -> list[alerts.Alert]:
+    """One step up for every alert whose acknowledgement deadline has passed (the scheduled job).
+
+    Each alert is escalated and committed on its own: the audit append lock is never held while
+    another alert's row lock is awaited (no deadlock with the pipeline), and one failure stops nothing.
+    """
+    escalated = []
+    for _ in range(limit):
+        with conn.transaction():
+            due = alerts.overdue_alerts(conn, now, limit=1)
+            if not due:
+                break
+            escalated.append(escalate_alert(conn, cipher, settings, str(due[0].id), actor="psych-cds", role=None,
+                                            now=now, reason="acknowledgement deadline passed"))
+    return escalated

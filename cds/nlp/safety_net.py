@@ -242,8 +242,8 @@ def _negated(lex: Lexicon, doc: _Doc, start: int) -> bool:
     if cue is None:
         return False
     between = window[cue.end():]
-    # "I don't know, I want to die": a new first-person subject after the cue ends its scope.
-    return lex.first_person.search(between) is None
+    # "I don't know, I want to die" / "过得不爽了你们都得死": a new subject after the cue ends its scope.
+    return not any(rx.search(between) for rx in (lex.first_person, lex.second_person, lex.third_person))
 
 
 def _quote_open(doc: _Doc, start: int) -> int:

@@ -50,6 +50,10 @@ def create_app(service: Service | None = None, test_config: Mapping[str, Any] | 
     app.register_blueprint(cdshooks.bp)
     app.register_blueprint(subscriptions.bp)
     app.register_blueprint(screen.bp)
+    from cds.web import audit_pages, dashboard
+
+    app.register_blueprint(dashboard.bp)
+    app.register_blueprint(audit_pages.bp)
 
     @app.get("/")
     def index() -> Any:

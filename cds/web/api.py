@@ -31,7 +31,11 @@ def healthz() -> Any:
                             for f in feed_states}
         body["outbox"] = queue
         body["events_pending"] = pending[0] if pending else None
-        if any(f.consecutive_failures >= 3 for f in feed_states) or queue.get("dead"):
+        from integrations.fhir.watchdog import active_alarms
+
+        with svc.pool.connection(timeout=5) as conn:
+            body["alarms"] = [a.to_json() for a in active_alarms(conn)]
+        if any(f.consecutive_failures >= 3 for f in feed_states) or queue.get("dead") or body["alarms"]:
             body["status"] = "degraded"
     except Exception as exc:  # the health endpoint reports failure, it does not fail
         body["status"] = "error"

@@ -48,6 +48,7 @@ def drain_outbox(pool: ConnectionPool, cipher: Cipher, client: FhirClient, *, li
     from compliance import audit
 
     sent = retrying = dead = 0
+    audits: list[dict[str, Any]] = []  # appended last: never hold the audit lock across HTTP calls
     with pool.connection() as conn, conn.transaction():
         for item in outbox.claim_due(conn, cipher, limit):
             try:
@@ -63,10 +64,9 @@ def drain_outbox(pool: ConnectionPool, cipher: Cipher, client: FhirClient, *, li
                 state = outbox.mark_failed(conn, item, f"{exc.__class__.__name__}: {exc}", retryable=False,
                                            max_attempts=max_attempts)
                 dead += state == "dead"
-                audit.record(conn, event_type="fhir.write", action="C", actor="psych-cds", outcome=8,
-                             patient_ref=item.patient_ref,
-                             entity={"outbox_id": item.id, "kind": item.kind},
-                             detail={"error": str(exc)[:300]})
+                audits.append(dict(event_type="fhir.write", action="C", actor="psych-cds", outcome=8,
+                                   patient_ref=item.patient_ref, entity={"outbox_id": item.id, "kind": item.kind},
+                                   detail={"error": str(exc)[:300]}))
                 log.error("EHR rejected a write-back", extra={"outbox_id": item.id, "error": str(exc)[:300]})
                 continue
             ids = created_ids(response)
@@ -75,8 +75,9 @@ def drain_outbox(pool: ConnectionPool, cipher: Cipher, client: FhirClient, *, li
                 assessment_store.set_fhir_id(conn, int(item.dedupe_key.split(":", 1)[1]),
                                              ids["RiskAssessment"][0])
             if item.kind != "audit-export":  # auditing the export would create a record to export, forever
-                audit.record(conn, event_type="fhir.write", action="C", actor="psych-cds", outcome=0,
-                             patient_ref=item.patient_ref, entity={"outbox_id": item.id, "created": dict(ids)},
-                             detail={"kind": item.kind, "attempts": item.attempts + 1})
+                audits.append(dict(event_type="fhir.write", action="C", actor="psych-cds", outcome=0,
+                                   patient_ref=item.patient_ref, entity={"outbox_id": item.id, "created": dict(ids)},
+                                   detail={"kind": item.kind, "attempts": item.attempts + 1}))
             sent += 1
+        audit.record_batch(conn, audits)
     return DrainResult(sent, retrying, dead)

@@ -4,6 +4,7 @@ through a candidate and counts the alerts it would raise (real DB, real EHR, rea
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,8 +25,7 @@ def candidate(tmp_path: Path) -> Path:
     target = tmp_path / "candidate"
     shutil.copytree(REPO_ROOT / "rules" / "triage", target)
     manifest = (target / "ruleset.yaml").read_text(encoding="utf-8")
-    manifest = manifest.replace("status: live", "status: shadow").replace("version: 2025.1.0",
-                                                                          "version: 2025.2.0-rc1")
+    manifest = re.sub(r"(?m)^version: .*$", "version: 2026.2.0-rc1", manifest.replace("status: live", "status: shadow"))
     manifest = manifest.replace("  - discordance.yaml\n", "")
     (target / "ruleset.yaml").write_text(manifest, encoding="utf-8")
     return target
@@ -55,7 +55,7 @@ def test_shadow_rules_are_stored_but_never_alert_and_backtest_counts_the_differe
         rows = conn.execute("SELECT shadow, ruleset_version, fired FROM assessments ORDER BY id").fetchall()
         alert_kinds = {r[0] for r in conn.execute("SELECT kind FROM alerts")}
     assert [r[0] for r in rows] == [False, True, False, True]
-    assert rows[1][1] == "2025.2.0-rc1"
+    assert rows[1][1] == "2026.2.0-rc1"
     live_rules = {f["id"] for f in rows[2][2]}
     shadow_rules = {f["id"] for f in rows[3][2]}
     assert "discordance" in live_rules and "discordance" not in shadow_rules
@@ -69,4 +69,4 @@ def test_shadow_rules_are_stored_but_never_alert_and_backtest_counts_the_differe
     report = json.loads(result.output[result.output.index("{"):])
     assert report["events"] == 2
     assert report["by_rule"]["discordance"] == {"candidate": 0, "live": 1}
-    assert report["candidate"]["version"] == "2025.2.0-rc1"
+    assert report["candidate"]["version"] == "2026.2.0-rc1"

@@ -111,6 +111,24 @@ def test_aggression_sets_harm_to_others_without_a_tier(text: str) -> None:
     assert result.tier is None
 
 
+@pytest.mark.parametrize("text", [
+    "我脑子里总有杀他的念头", "我真想让他们都去死", "我带了一把刀去找他", "我巴不得我的室友快点去死",
+    "I have homicidal thoughts", "I'm going to hurt him", "I want him dead", "I keep having urges to hurt people",
+])
+def test_threats_and_urges_towards_others_set_harm_to_others(text: str) -> None:
+    result = safety_net_scan(text)
+    assert result.harm_to_others
+    assert result.tier is None
+
+
+@pytest.mark.parametrize("text", [
+    "我想我今晚就要死了", "希望我能死掉", "I want to kill my self", "I want to kill that part of me",
+    "I could kill for a pizza", "我才不会让他们死", "she said she wants him dead",
+])
+def test_own_risk_idioms_and_negation_do_not_set_harm_to_others(text: str) -> None:
+    assert not safety_net_scan(text).harm_to_others
+
+
 @pytest.mark.parametrize("text", ["他又打我了", "我被同学欺负", "爸爸让我去死", "I was raped", "my dad hits me"])
 def test_victimisation_flag(text: str) -> None:
     result = safety_net_scan(text)

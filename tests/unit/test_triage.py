@@ -48,7 +48,7 @@ def edit(path: Path, old: str, new: str) -> None:
 
 def test_default_ruleset_loads_with_version_hash_and_rules() -> None:
     ruleset = load_ruleset()
-    assert ruleset.version == "2025.1.0" and not ruleset.shadow
+    assert ruleset.version == "2026.1.0" and not ruleset.shadow
     assert len(ruleset.hash) == 64
     assert {"phq9-item9-positive", "discordance", "text-safety-net", "harm-to-others"} <= {r.id for r in ruleset.rules}
 
