@@ -43,8 +43,16 @@ def deliver_outbox(service: Service, max_batches: int = 50) -> int:
     return sent
 
 
+def poll_and_assess(service: Service) -> int:
+    """The worker's latency-critical job: read new input from the EHR and assess it at once.
+    Delivery runs as its own job, so a slow EHR write never delays the next poll."""
+    poll_all(service.pool, service.fhir, service.pipeline, page_size=service.settings.poll_page_size,
+             overlap_s=service.settings.poll_overlap_s)
+    return process_pending_events(service)
+
+
 def ingest_cycle(service: Service) -> dict[str, int]:
-    """Poll every feed, assess what arrived, deliver the write-backs: the latency-critical path."""
+    """Poll every feed, assess what arrived, deliver the write-backs: one synchronous round (tests, CLI)."""
     polled = poll_all(service.pool, service.fhir, service.pipeline, page_size=service.settings.poll_page_size,
                       overlap_s=service.settings.poll_overlap_s)
     processed = process_pending_events(service)
@@ -71,18 +79,16 @@ def export_audit_to_ehr(service: Service) -> int:
     """Queue new audit records as AuditEvent batches for the EHR (delivered by the outbox)."""
     from compliance.ehr_export import queue_audit_export
 
-    with service.pool.connection() as conn:
-        with conn.transaction():
-            return queue_audit_export(conn, service.cipher)
+    with service.pool.connection() as conn, conn.transaction():
+        return queue_audit_export(conn, service.cipher)
 
 
 def apply_retention(service: Service) -> dict[str, int]:
     """Erase what is past its retention period (audited, idempotent)."""
     from compliance.retention import apply_retention as apply
 
-    with service.pool.connection() as conn:
-        with conn.transaction():
-            return apply(conn, service.cipher, service.pipeline.clock())
+    with service.pool.connection() as conn, conn.transaction():
+        return apply(conn, service.cipher, service.pipeline.clock())
 
 
 def watch_feeds(service: Service) -> int:
@@ -119,7 +125,7 @@ def _safely(fn: Any, service: Service) -> Any:
 def build_scheduler(service: Service) -> BackgroundScheduler:
     s = service.settings
     scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
-    scheduler.add_job(_safely(ingest_cycle, service), "interval", seconds=s.poll_interval_s, id="ingest_cycle")
+    scheduler.add_job(_safely(poll_and_assess, service), "interval", seconds=s.poll_interval_s, id="poll_and_assess")
     scheduler.add_job(_safely(process_pending_events, service), "interval", seconds=0.5, id="process_events")
     scheduler.add_job(_safely(deliver_outbox, service), "interval", seconds=s.outbox_interval_s, id="outbox")
     scheduler.add_job(_safely(escalate_overdue, service), "interval", seconds=15, id="escalate_overdue")

