@@ -199,43 +199,51 @@ class Pipeline:
 
     def ingest(self, resource: Any, *, source: str, actor: str = "psych-cds") -> IngestResult:
         """Validate and store one input once; bad input goes to quarantine with the reason."""
-        from compliance import audit
+        return self.ingest_batch([resource], source=source, actor=actor)[0]
+
+    def ingest_batch(self, resources: Sequence[Any], *, source: str, actor: str = "psych-cds") -> list[IngestResult]:
+        """Store a page of inputs in one transaction (one commit, audit records appended last)."""
         from integrations.fhir.mapping import to_event
 
+        results: list[IngestResult] = []
+        audits: list[dict[str, Any]] = []
         with self.pool.connection() as conn:
-            try:
-                event = to_event(resource, source=source)
-            except InputError as exc:
-                qid = self._quarantine(conn, resource, source, str(exc))
-                return IngestResult(None, False, quarantine_id=qid, reason=str(exc))
-            event_id, inserted = event_store.insert_event(conn, self.cipher, event)
-            audit.record(conn, event_type="event.received", action="C", actor=actor,
-                         patient_ref=event.patient_ref, outcome=0,
-                         entity={"what": event_reference(event), "event_id": event_id},
-                         detail={"duplicate": not inserted, "source": source})
-            conn.commit()
-        if inserted:
-            log.info("event stored", extra={"event_id": event_id, "resource_type": event.resource_type})
-        return IngestResult(event_id, duplicate=not inserted)
+            with conn.transaction():
+                for resource in resources:
+                    try:
+                        event = to_event(resource, source=source)
+                    except InputError as exc:
+                        qid = self._quarantine(conn, resource, source, str(exc), audits)
+                        results.append(IngestResult(None, False, quarantine_id=qid, reason=str(exc)))
+                        continue
+                    event_id, inserted = event_store.insert_event(conn, self.cipher, event)
+                    audits.append(dict(event_type="event.received", action="C", actor=actor,
+                                       patient_ref=event.patient_ref, outcome=0,
+                                       entity={"what": event_reference(event), "event_id": event_id},
+                                       detail={"duplicate": not inserted, "source": source}))
+                    results.append(IngestResult(event_id, duplicate=not inserted))
+                _append_audits(conn, audits)
+        stored = sum(1 for r in results if r.event_id is not None and not r.duplicate)
+        if stored:
+            log.info("events stored", extra={"count": stored, "source": source})
+        return results
 
-    def _quarantine(self, conn: psycopg.Connection[Any], resource: Any, source: str, reason: str) -> int:
-        from compliance import audit
+    def _quarantine(self, conn: psycopg.Connection[Any], resource: Any, source: str, reason: str,
+                    audits: list[dict[str, Any]]) -> int:
+        from integrations.fhir.mapping import reference_id
 
         rtype = resource.get("resourceType") if isinstance(resource, Mapping) else None
         rid = resource.get("id") if isinstance(resource, Mapping) else None
         vid = (resource.get("meta") or {}).get("versionId") if isinstance(resource, Mapping) else None
-        from integrations.fhir.mapping import reference_id
-
         subject = ((resource.get("subject") or {}) if isinstance(resource, Mapping) else {})
         patient_ref = reference_id(subject.get("reference"), "Patient") if isinstance(subject, Mapping) else None
         qid = event_store.quarantine_input(conn, self.cipher, source=source, payload=resource, reason=reason,
                                            resource_type=str(rtype)[:64] if rtype else None,
                                            resource_id=str(rid)[:64] if rid else None,
                                            version_id=str(vid)[:64] if vid else None, patient_ref=patient_ref)
-        audit.record(conn, event_type="event.quarantined", action="C", actor="psych-cds", outcome=4,
-                     entity={"quarantine_id": qid, "type": str(rtype)[:64] if rtype else None},
-                     detail={"reason": reason[:500], "source": source})
-        conn.commit()
+        audits.append(dict(event_type="event.quarantined", action="C", actor="psych-cds", outcome=4,
+                           entity={"quarantine_id": qid, "type": str(rtype)[:64] if rtype else None},
+                           detail={"reason": reason[:500], "source": source}))
         log.warning("input quarantined", extra={"quarantine_id": qid, "reason": reason[:300]})
         return qid
 

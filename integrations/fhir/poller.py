@@ -83,6 +83,7 @@ def poll_feed(pool: ConnectionPool, client: FhirClient, pipeline: Pipeline, reso
                 keys = [(str(r.get("id")), str((r.get("meta") or {}).get("versionId")))
                         for r in page if isinstance(r, dict)]
                 known = event_store.known_versions(conn, "ehr", resource_type, keys)
+                fresh = []
                 for resource in page:
                     updated = parse_instant((resource.get("meta") or {}).get("lastUpdated"))
                     if updated and (newest is None or updated > newest):
@@ -90,8 +91,10 @@ def poll_feed(pool: ConnectionPool, client: FhirClient, pipeline: Pipeline, reso
                     key = (str(resource.get("id")), str((resource.get("meta") or {}).get("versionId")))
                     if key in known or is_own_write(resource):
                         skipped += 1
-                        continue
-                    result = pipeline.ingest(resource, source="ehr")
+                    else:
+                        fresh.append(resource)
+                # The page is stored in one transaction: one commit, its audit records appended last.
+                for result in pipeline.ingest_batch(fresh, source="ehr") if fresh else []:
                     if result.quarantine_id is not None:
                         quarantined += 1
                     elif not result.duplicate:
