@@ -45,7 +45,7 @@ test: deps
 	$(BIN)/pytest -q
 
 bench: deps
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(ARGS)
 
 lint: deps
 	$(BIN)/ruff check cds integrations compliance tests

@@ -54,3 +54,16 @@ def sign_in(client: Any, service: Any, role: str = "nurse", *, username: str | N
     with client.session_transaction() as sess:
         sess["csrf"] = "test-csrf"
     return user
+
+
+def wait_until(check: Any, timeout_s: float = 30.0, every_s: float = 0.2) -> Any:
+    """Poll ``check`` until it returns something truthy (a generous bound, not a timing assertion)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"condition not met within {timeout_s} s")

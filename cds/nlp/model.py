@@ -310,10 +310,14 @@ class TextRiskModel:
             if e0 > s0:
                 evidence.setdefault((i, s0, e0, e.kind),
                                     Evidence(s0, e0, e.kind, f"#{i}", e.source, messages[i][s0:e0]))
-        model_tier = max([r.model_tier for r in per] + win_tiers)
+        model_tier = max([r.model_tier for r in per] + win_tiers)  # reported uncapped, for transparency
         sn_tiers = [t for t in [r.safety_net_tier for r in per] + [sn.tier] if t is not None]
         sn_tier = max(sn_tiers) if sn_tiers else None
-        tier = max(model_tier, sn_tier) if sn_tier is not None else model_tier
+        # The final tier uses each message's final tier and the windows' model tiers under the same
+        # caps as a single message (capped_model_tier), then the safety net on the whole conversation.
+        windows_kept = [w for w in windows if w.strip()]
+        capped_windows = [capped_model_tier(t, sn, len(w)) for t, w in zip(win_tiers, windows_kept)]
+        tier = max([r.tier for r in per] + capped_windows + ([sn_tier] if sn_tier is not None else []))
         win_max = win_probs.max(axis=0) if len(win_probs) else np.zeros(len(HEADS), np.float32)
         kinds = sorted({k for r in per for k in r.safety_net_kinds} | set(sn.kinds))
         sources = sorted({s for r in per for s in r.safety_net_source.split(",") if s} | set(sn.lexicons))

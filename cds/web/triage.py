@@ -25,6 +25,7 @@ from cds.domain import Signal
 from cds.errors import InputError
 from cds.web import service
 from cds.web.auth import User, current_user, login_required, require_patient_access
+from cds.web.evidence import Segment, highlight
 from cds.web.i18n import locale, t
 
 bp = Blueprint("triage", __name__, url_prefix="/triage")
@@ -36,8 +37,6 @@ START_ACTIONS = ("call", "one_to_one", "refer")
 ESCALATE_REASONS = ("cannot_reach_patient", "needs_psychiatrist", "patient_unsafe", "no_capacity", "other")
 DEFAULT_POLL_SECONDS = 5
 # When spans overlap, the more specific warning sign names the highlight.
-EVIDENCE_ORDER = ("plan", "means", "timing", "preparatory_act", "prior_attempt", "farewell", "self_harm",
-                  "aggression", "victimisation", "ideation", "idiom", "model_cue")
 
 
 def _user() -> User:
@@ -84,12 +83,6 @@ def _audit_read(conn: psycopg.Connection[Any], user: User, alerts: Iterable[Aler
 # -- evidence ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Segment:
-    """A run of message text; ``kind`` is set when the run is highlighted evidence."""
-
-    text: str
-    kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,29 +105,6 @@ class Explanation:
     assessed_at: datetime | None = None
 
 
-def _kind_class(kind: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in kind.lower())[:40] or "other"
-
-
-def highlight(text: str, spans: Iterable[tuple[int, int, str]]) -> tuple[Segment, ...]:
-    """Split ``text`` into plain and highlighted runs; overlapping spans take the more specific kind."""
-    rank = {k: i for i, k in enumerate(EVIDENCE_ORDER)}
-    best: list[str | None] = [None] * len(text)
-    for start, end, kind in spans:
-        for i in range(max(0, start), min(len(text), end)):
-            current = best[i]
-            if current is None or rank.get(kind, len(rank)) < rank.get(current, len(rank)):
-                best[i] = kind
-    out: list[Segment] = []
-    i = 0
-    while i < len(text):
-        j = i
-        while j < len(text) and best[j] == best[i]:
-            j += 1
-        run_kind = best[i]
-        out.append(Segment(text[i:j], _kind_class(run_kind) if run_kind else None))
-        i = j
-    return tuple(out)
 
 
 def _event_messages(conn: psycopg.Connection[Any], cipher: Any, event_id: int) -> tuple[str, list[str]] | None:

@@ -152,6 +152,22 @@ def _ident(kind: str, value: str) -> dict[str, str]:
     return {"system": f"{CDS_SYSTEM}/{kind}", "value": value}
 
 
+def _alert_communication(ident: dict[str, str], *, priority: str, patient_ref: str, sent: str,
+                         about: Sequence[str], recipient: str | None, texts: tuple[str, str]) -> dict[str, Any]:
+    """A Communication telling whoever must act (English and Chinese); never patient text."""
+    comm: dict[str, Any] = {
+        "resourceType": "Communication", "identifier": [ident], "status": "completed",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/communication-category",
+                                  "code": "alert", "display": "Alert"}]}],
+        "priority": priority, "subject": {"reference": patient_ref}, "sent": sent,
+        "about": [{"reference": ref} for ref in about],
+        "payload": [{"contentString": texts[0]}, {"contentString": texts[1]}],
+    }
+    if recipient:
+        comm["recipient"] = [{"reference": recipient}]
+    return comm
+
+
 def _entry(resource: dict[str, Any], full_url: str, ident: dict[str, str]) -> dict[str, Any]:
     return {"fullUrl": full_url, "resource": resource,
             "request": {"method": "POST", "url": resource["resourceType"],
@@ -200,19 +216,12 @@ def writeback_bundle(*, assessment_id: int, patient_ref: str, tier: RiskTier, pr
     if new_alert and alert_id:
         flag = alert_flag(alert_id=alert_id, patient_ref=patient_ref, tier=tier, active=True, start=occurred_at)
         comm_ident = _ident("alert-communication", f"{alert_id}/{tier.label}")
-        communication: dict[str, Any] = {
-            "resourceType": "Communication", "identifier": [comm_ident], "status": "completed",
-            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/communication-category",
-                                      "code": "alert", "display": "Alert"}]}],
-            "priority": priority, "subject": {"reference": patient_ref}, "sent": when,
-            "about": [{"reference": urls["ra"]}, {"reference": urls["flag"]}],
-            "payload": [
-                {"contentString": f"psych-cds: suicide risk {en.upper()} - {reason_text[:300]}. "
-                                  f"Acknowledge in the triage queue: {dashboard_url}"},
-                {"contentString": f"psych-cds：自杀风险{zh} - {reason_text[:300]}。请在分诊队列确认：{dashboard_url}"}],
-        }
-        if care_team_ref:
-            communication["recipient"] = [{"reference": care_team_ref}]
+        communication = _alert_communication(
+            comm_ident, priority=priority, patient_ref=patient_ref, sent=when,
+            about=[urls["ra"], urls["flag"]], recipient=care_team_ref,
+            texts=(f"psych-cds: suicide risk {en.upper()} - {reason_text[:300]}. "
+                   f"Acknowledge in the triage queue: {dashboard_url}",
+                   f"psych-cds：自杀风险{zh} - {reason_text[:300]}。请在分诊队列确认：{dashboard_url}"))
         entries.append({"fullUrl": urls["flag"], "resource": flag,
                         "request": {"method": "PUT", "url": f"Flag/{flag['id']}"}})
         entries.append(_entry(communication, urls["comm"], comm_ident))
@@ -301,16 +310,8 @@ def task_bundle(*, alert_id: str, task_version: int, patient_ref: str, status: s
         entries.append({"resource": flag, "request": {"method": "PUT", "url": f"Flag/{flag['id']}"}})
     if notify_text is not None:
         ident = _ident("alert-task-communication", f"{alert_id}/{task_version}")
-        comm: dict[str, Any] = {
-            "resourceType": "Communication", "identifier": [ident], "status": "completed",
-            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/communication-category",
-                                      "code": "alert", "display": "Alert"}]}],
-            "priority": priority, "subject": {"reference": patient_ref}, "sent": _instant(updated_at),
-            "about": [{"reference": f"Task/{task_id}"}],
-            "payload": [{"contentString": f"{notify_text[0]} {dashboard_url}"},
-                        {"contentString": f"{notify_text[1]} {dashboard_url}"}],
-        }
-        if owner:
-            comm["recipient"] = [{"reference": owner}]
+        comm = _alert_communication(ident, priority=priority, patient_ref=patient_ref, sent=_instant(updated_at),
+                                    about=[f"Task/{task_id}"], recipient=owner,
+                                    texts=(f"{notify_text[0]} {dashboard_url}", f"{notify_text[1]} {dashboard_url}"))
         entries.append(_entry(comm, f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, ident['value'])}", ident))
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}

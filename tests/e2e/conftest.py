@@ -15,9 +15,8 @@ import os
 import re
 import tempfile
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import pytest
 from psycopg import sql
 
 from tests.integration.conftest import Ehr, free_port
+from tests.samples import wait_until  # noqa: F401  (the browser tests import it from here)
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -37,15 +37,6 @@ PASSWORD = "correct horse battery"
 TABLET = {"width": 1180, "height": 820}  # a ward tablet in landscape
 
 
-def wait_until(check: Callable[[], Any], timeout_s: float = 30.0, every_s: float = 0.2) -> Any:
-    """Poll ``check`` until it returns something truthy (a generous bound, not a timing assertion)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"condition not met within {timeout_s} s")
 
 
 @dataclass
@@ -177,3 +168,4 @@ def sign_in(page: Any, username: str, password: str = PASSWORD) -> None:
     page.get_by_label(re.compile("Password|密码")).fill(password)
     page.get_by_role("button", name=re.compile("Sign in|登录")).click()
     page.wait_for_url(re.compile(r"/(triage|dashboard|audit)"))
+

@@ -3,27 +3,16 @@ PHQ-9 in the EHR -> poll -> assess -> alert on /triage -> RiskAssessment, Flag, 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from cds.jobs import build_scheduler, ingest_cycle
-from tests.samples import chat, patient, phq9, sign_in
+from tests.samples import chat, patient, phq9, sign_in, wait_until
 
 pytestmark = pytest.mark.integration
 
 
-def wait_until(check: Callable[[], Any], timeout_s: float = 30.0) -> Any:
-    """Poll ``check`` until it returns something truthy (a generous bound, not a timing assertion)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"condition not met within {timeout_s} s")
 
 
 def test_positive_phq9_reaches_the_ehr_and_the_triage_queue(ehr: Any, service: Any, client: Any) -> None:
