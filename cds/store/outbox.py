@@ -52,7 +52,8 @@ def claim_due(conn: psycopg.Connection[Any], cipher: Cipher, limit: int) -> list
         # Per-patient order: a row waits while an earlier row of the same patient is still pending.
         " AND NOT EXISTS (SELECT 1 FROM outbox earlier WHERE earlier.status = 'pending'"
         "   AND earlier.patient_ref = outbox.patient_ref AND earlier.id < outbox.id)"
-        " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+        # Clinical writes first: an alert must never wait behind a batch of AuditEvents.
+        " ORDER BY (kind = 'audit-export'), id LIMIT %s FOR UPDATE SKIP LOCKED",
         (limit,)).fetchall()
     return [OutboxItem(id=r[0], dedupe_key=r[1], kind=r[2], patient_ref=r[3],
                        payload=open_json(cipher, conn, r[4], _aad(r[1])), attempts=r[5], created_at=r[6])
