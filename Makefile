@@ -41,6 +41,7 @@ demo: deps
 	$(BIN)/cds demo
 
 test: deps
+	$(BIN)/mypy cds integrations compliance
 	$(BIN)/cds rules check
 	$(BIN)/pytest -q
 

@@ -119,8 +119,8 @@ def run_demo(settings: Settings, *, seed: bool = True) -> None:
         while not stop["now"]:
             for child in children:
                 if child.poll() is not None:
-                    raise ConfigError(f"a demo process exited ({child.args[-1]}, status {child.returncode}); "
-                                      f"see {logs}")
+                    what = " ".join(str(a) for a in child.args) if isinstance(child.args, list) else str(child.args)
+                    raise ConfigError(f"a demo process exited ({what}, status {child.returncode}); see {logs}")
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass

