@@ -159,6 +159,15 @@ def assess(event: Event, history: History, engines: Engines, *, now: datetime,
 CONTEXT_MESSAGES = 8  # earlier messages of a conversation read with each new one
 
 
+def _path(value: Any, *keys: str) -> Any:
+    """value[k1][k2]... where every step is a JSON object, else None."""
+    for key in keys:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(key)
+    return value
+
+
 def _append_audits(conn: psycopg.Connection[Any], audits: list[dict[str, Any]]) -> None:
     from compliance import audit
 
@@ -232,11 +241,11 @@ class Pipeline:
                     audits: list[dict[str, Any]]) -> int:
         from integrations.fhir.mapping import reference_id
 
-        rtype = resource.get("resourceType") if isinstance(resource, Mapping) else None
-        rid = resource.get("id") if isinstance(resource, Mapping) else None
-        vid = (resource.get("meta") or {}).get("versionId") if isinstance(resource, Mapping) else None
-        subject = ((resource.get("subject") or {}) if isinstance(resource, Mapping) else {})
-        patient_ref = reference_id(subject.get("reference"), "Patient") if isinstance(subject, Mapping) else None
+        # Bad input can have any shape: read it defensively (a crash here would lose it).
+        rtype, rid = _path(resource, "resourceType"), _path(resource, "id")
+        vid = _path(resource, "meta", "versionId")
+        subject = _path(resource, "subject", "reference")
+        patient_ref = reference_id(subject, "Patient") if isinstance(subject, str) else None
         qid = event_store.quarantine_input(conn, self.cipher, source=source, payload=resource, reason=reason,
                                            resource_type=str(rtype)[:64] if rtype else None,
                                            resource_id=str(rid)[:64] if rid else None,

@@ -95,6 +95,19 @@ class Settings:
     notify_secret: str | None = None  # shared secret of the Subscription rest-hook channel
     notify_secret_header: str | None = None  # None = Authorization: Bearer <secret> or X-Subscription-Secret
     feed_heartbeat_s: int = 300  # Subscription heartbeat period; silent for 2x this raises an alarm
+    # -- SMART App Launch (EHR launch) and OpenID Connect single sign-on: see cds.web.smart_launch -------
+    smart_issuers: tuple[str, ...] = ()  # FHIR bases allowed as launch `iss`; from_env defaults to fhir_base_url
+    smart_client_id: str | None = None  # None = /smart/launch answers that SMART launch is not set up
+    smart_client_secret: str | None = None  # None = public client (PKCE only); else client_secret_basic
+    smart_authorize_url: str | None = None  # used when the EHR publishes no .well-known/smart-configuration
+    smart_token_url: str | None = None  # idem
+    smart_scopes: str = "launch openid fhirUser patient/*.read"
+    smart_oidc_issuer: str | None = None  # id_token issuer (+ its JWKS) when smart-configuration names none
+    oidc_issuer: str | None = None  # the hospital identity provider; None = no single sign-on
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = None  # None = public client (PKCE only); else client_secret_basic
+    oidc_scopes: str = "openid profile"
+    oidc_username_claim: str = "preferred_username"  # id_token claim matched to users.username (else sub)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -146,7 +159,38 @@ class Settings:
             notify_secret=env.get("CDS_NOTIFY_SECRET") or None,
             notify_secret_header=env.get("CDS_NOTIFY_SECRET_HEADER") or None,
             feed_heartbeat_s=_int(env, "CDS_FEED_HEARTBEAT_S", 300, 1),
+            smart_issuers=_urls(env, "CDS_SMART_ISSUERS") or (fhir,),
+            smart_client_id=env.get("CDS_SMART_CLIENT_ID") or None,
+            smart_client_secret=env.get("CDS_SMART_CLIENT_SECRET") or None,
+            smart_authorize_url=_url(env, "CDS_SMART_AUTHORIZE_URL"),
+            smart_token_url=_url(env, "CDS_SMART_TOKEN_URL"),
+            smart_scopes=" ".join((env.get("CDS_SMART_SCOPES") or "launch openid fhirUser patient/*.read").split()),
+            smart_oidc_issuer=_url(env, "CDS_SMART_OIDC_ISSUER"),
+            oidc_issuer=_url(env, "CDS_OIDC_ISSUER"),
+            oidc_client_id=env.get("CDS_OIDC_CLIENT_ID") or None,
+            oidc_client_secret=env.get("CDS_OIDC_CLIENT_SECRET") or None,
+            oidc_scopes=" ".join((env.get("CDS_OIDC_SCOPES") or "openid profile").split()),
+            oidc_username_claim=env.get("CDS_OIDC_USERNAME_CLAIM") or "preferred_username",
         )
+
+
+def _url(env: Mapping[str, str], name: str) -> str | None:
+    """An optional http(s) URL setting, without a trailing slash."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    if not raw.startswith(("http://", "https://")):
+        raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+    return raw.rstrip("/")
+
+
+def _urls(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list of http(s) URLs, each without a trailing slash."""
+    out = []
+    for part in (env.get(name) or "").split(","):
+        if part.strip():
+            out.append(_url({name: part}, name))
+    return tuple(u for u in out if u)
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:

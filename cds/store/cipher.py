@@ -15,8 +15,11 @@ class Cipher(Protocol):
 
 
 def seal_json(cipher: Cipher, conn: psycopg.Connection[Any], subject: str, value: Any, aad: str) -> bytes:
-    return cipher.encrypt(conn, subject, json.dumps(value, ensure_ascii=False, default=str).encode(),
-                          aad.encode())
+    try:
+        plaintext = json.dumps(value, ensure_ascii=False, default=str).encode()
+    except UnicodeEncodeError:  # lone surrogates (bad input is kept as it came): \u-escaped JSON round-trips
+        plaintext = json.dumps(value, ensure_ascii=True, default=str).encode()
+    return cipher.encrypt(conn, subject, plaintext, aad.encode())
 
 
 def open_json(cipher: Cipher, conn: psycopg.Connection[Any], blob: bytes, aad: str) -> Any:

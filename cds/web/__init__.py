@@ -54,6 +54,7 @@ def create_app(service: Service | None = None, test_config: Mapping[str, Any] | 
 
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(audit_pages.bp)
+    app.register_blueprint(__import__("cds.web.smart_launch", fromlist=["bp"]).bp)
 
     @app.get("/")
     def index() -> Any:

@@ -50,6 +50,11 @@ def init_app(app: Flask) -> None:
             return render_template("error.html", status=status, message=exc.description), status
         return outcome_response(status, _HTTP_ISSUE.get(status, "exception"), exc.description or exc.name)
 
+    @app.errorhandler(RecursionError)
+    def _too_deep(exc: RecursionError) -> Any:
+        # JSON nested thousands of levels deep exhausts the parser: the request is bad, not the server.
+        return outcome_response(400, "invalid", "the JSON body is nested too deeply")
+
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Any:
         app.logger.exception("unhandled error")

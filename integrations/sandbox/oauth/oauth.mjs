@@ -10,12 +10,30 @@
 //
 // clients.json: [{"client_id": "psych-cds", "jwks": {"keys": [...]}, "token_endpoint_auth_signing_alg": "ES384"}]
 // Binds 127.0.0.1 only.
+//
+// SMART App Launch / OpenID Connect sign-in (only with --interactive-clients; nothing above changes without it):
+//   --interactive-clients f.json  clients for the authorization_code grant with PKCE S256 (always required):
+//                                 [{"client_id": "psych-cds-launch", "redirect_uris": ["http://.../smart/callback"]},
+//                                  {"client_id": "psych-cds-sso", "client_secret": "...", "redirect_uris": [...]}]
+//                                 no client_secret = public client ("none"); with one = client_secret_basic.
+//   --accounts f.json             accountId -> claims: {"dr-li": {"fhirUser": "Practitioner/p1",
+//                                 "preferred_username": "dr.li", "name": "Dr Li"}} (scopes fhirUser / profile).
+//   --auto-login ACCOUNT          TEST ONLY: every login and consent interaction is completed at once for
+//                                 ACCOUNT (no page), so a script can follow the redirects to the code.
+//   --aud URL,URL                 FHIR base URLs accepted as the SMART `aud` parameter (default ${issuer}/fhir);
+//                                 another aud is refused with invalid_request.
+//   POST /admin/launch {"patient": "123"} -> {"launch": "<opaque>"}: the EHR side of an EHR launch; the
+//                                 token response of a code issued for that launch carries "patient": "123"
+//                                 (added by a post-middleware on /token, as SMART App Launch asks).
+//   GET /fhir/.well-known/smart-configuration  SMART discovery for the /fhir gateway.
 
 import fs from 'node:fs';
 import http from 'node:http';
 import { parseArgs } from 'node:util';
 
-import Provider from 'oidc-provider';
+import crypto from 'node:crypto';
+
+import Provider, { errors } from 'oidc-provider';
 
 const { values: args } = parseArgs({
   options: {
@@ -24,6 +42,10 @@ const { values: args } = parseArgs({
     clients: { type: 'string' },
     ttl: { type: 'string', default: process.env.OAUTH_TOKEN_TTL ?? '300' },
     upstream: { type: 'string' },
+    'interactive-clients': { type: 'string' },
+    accounts: { type: 'string' },
+    'auto-login': { type: 'string' },
+    aud: { type: 'string' },
   },
 });
 
@@ -47,9 +69,48 @@ const clients = (args.clients ? JSON.parse(fs.readFileSync(args.clients, 'utf8')
   ...c,
 }));
 
+// -- SMART App Launch / OpenID Connect (authorization_code + PKCE), only with --interactive-clients ------------
+const interactive = Boolean(args['interactive-clients']);
+const USER_SCOPES = ['launch', 'launch/patient', 'offline_access', 'patient/*.read', 'patient/*.rs', 'user/*.read',
+  'user/*.rs'];
+const accounts = args.accounts ? JSON.parse(fs.readFileSync(args.accounts, 'utf8')) : {};
+const audiences = new Set((args.aud ?? `${issuer}/fhir`).split(',').map((a) => a.trim().replace(/\/$/, '')));
+const launches = new Map(); // launch id -> {patient, encounter}: contexts the "EHR" created
+const codeLaunch = new Map(); // authorization code -> launch id, until the code is redeemed
+
+const interactiveClients = (interactive
+  ? JSON.parse(fs.readFileSync(args['interactive-clients'], 'utf8')) : []).map((c) => ({
+  grant_types: ['authorization_code'],
+  response_types: ['code'],
+  token_endpoint_auth_method: c.client_secret ? 'client_secret_basic' : 'none',
+  scope: ['openid', 'profile', 'fhirUser', ...USER_SCOPES].join(' '),
+  ...c,
+}));
+
+const interactiveConfig = interactive ? {
+  clientAuthMethods: ['private_key_jwt', 'none', 'client_secret_basic', 'client_secret_post'],
+  claims: { openid: ['sub'], profile: ['preferred_username', 'name'], fhirUser: ['fhirUser'] },
+  conformIdTokenClaims: false, // scope claims (fhirUser, preferred_username) go into the id_token too
+  pkce: { required: () => true }, // S256 is the only method oidc-provider accepts
+  extraParams: {
+    launch(_ctx, value) {
+      if (value && !launches.has(value)) throw new errors.InvalidRequest('unknown or expired launch');
+    },
+    aud(_ctx, value) {
+      if (value && !audiences.has(value.replace(/\/$/, ''))) {
+        throw new errors.InvalidRequest(`aud ${value} is not a FHIR server of this authorization server`);
+      }
+    },
+  },
+  async findAccount(_ctx, id) {
+    if (!Object.hasOwn(accounts, id) && id !== args['auto-login']) return undefined;
+    return { accountId: id, claims: async () => ({ preferred_username: id, ...accounts[id], sub: id }) };
+  },
+} : {};
+
 const provider = new Provider(issuer, {
-  clients,
-  scopes: SCOPES,
+  clients: [...clients, ...interactiveClients],
+  scopes: [...SCOPES, ...(interactive ? USER_SCOPES : [])],
   clientAuthMethods: ['private_key_jwt'],
   features: {
     clientCredentials: { enabled: true },
@@ -61,7 +122,65 @@ const provider = new Provider(issuer, {
   enabledJWA: { clientAuthSigningAlgValues: ['RS256', 'RS384', 'ES256', 'ES384'] },
   ttl: { ClientCredentials: ttl },
   cookies: { keys: ['psych-cds-test-only-cookie-key'] },
+  ...interactiveConfig,
 });
+
+if (interactive) {
+  // SMART launch context: remember which launch each issued code belongs to, and answer the token request
+  // for that code with "patient" (and "encounter") beside the access token, as SMART App Launch specifies.
+  provider.use(async (ctx, next) => {
+    await next();
+    const route = ctx.oidc?.route;
+    const launch = ctx.oidc?.params?.launch; // authorization or resume: the authorization request's params
+    const code = route === 'token' ? ctx.oidc?.params?.code : undefined;
+    if ((route === 'authorization' || route === 'resume') && launch) {
+      const location = ctx.response.get('location');
+      const issued = location ? new URL(location, issuer).searchParams.get('code') : null;
+      if (issued) codeLaunch.set(issued, launch);
+    }
+    if (route === 'token' && code && ctx.status === 200 && ctx.body?.access_token) {
+      const context = launches.get(codeLaunch.get(code));
+      codeLaunch.delete(code);
+      if (context) Object.assign(ctx.body, context, { need_patient_banner: true });
+    }
+  });
+}
+
+// TEST ONLY (--auto-login): finish the login prompt for the account, then consent to everything asked.
+async function autoInteraction(req, res) {
+  const details = await provider.interactionDetails(req, res);
+  const { prompt, params, session } = details;
+  if (prompt.name === 'login') {
+    return provider.interactionFinished(req, res, { login: { accountId: args['auto-login'] } },
+      { mergeWithLastSubmission: false });
+  }
+  const grant = details.grantId ? await provider.Grant.find(details.grantId)
+    : new provider.Grant({ accountId: session.accountId, clientId: params.client_id });
+  const missing = prompt.details ?? {};
+  if (missing.missingOIDCScope) grant.addOIDCScope(missing.missingOIDCScope.join(' '));
+  if (missing.missingOIDCClaims) grant.addOIDCClaims(missing.missingOIDCClaims);
+  for (const [indicator, scopes] of Object.entries(missing.missingResourceScopes ?? {})) {
+    grant.addResourceScope(indicator, scopes.join(' '));
+  }
+  const grantId = await grant.save();
+  return provider.interactionFinished(req, res, { consent: { grantId } }, { mergeWithLastSubmission: true });
+}
+
+function smartConfiguration() {
+  return {
+    issuer,
+    jwks_uri: `${issuer}/jwks`,
+    authorization_endpoint: `${issuer}/auth`,
+    token_endpoint: `${issuer}/token`,
+    grant_types_supported: ['authorization_code', 'client_credentials'],
+    token_endpoint_auth_methods_supported: ['none', 'client_secret_basic', 'private_key_jwt'],
+    scopes_supported: ['openid', 'profile', 'fhirUser', ...USER_SCOPES, ...SCOPES],
+    response_types_supported: ['code'],
+    code_challenge_methods_supported: ['S256'],
+    capabilities: ['launch-ehr', 'client-public', 'client-confidential-symmetric', 'sso-openid-connect',
+      'context-ehr-patient', 'permission-patient', 'permission-v1', 'permission-v2'],
+  };
+}
 
 const stats = { token_ok: 0, token_failed: 0, resource_authorised: 0, resource_refused: 0, last_error: null };
 let revokedBefore = 0; // epoch seconds: tokens issued at or before this instant are refused
@@ -128,6 +247,21 @@ const server = http.createServer(async (req, res) => {
       return send(res, 200, { revoked_before: revokedBefore });
     }
     if (url.pathname === '/healthz') return send(res, 200, { status: 'ok', issuer });
+    if (interactive && url.pathname === '/admin/launch' && req.method === 'POST') {
+      const context = JSON.parse((await readBody(req)).toString() || '{}');
+      if (typeof context.patient !== 'string' || !context.patient) {
+        return send(res, 400, { error: 'invalid_request', error_description: 'patient (an id) is required' });
+      }
+      const launch = crypto.randomBytes(16).toString('base64url');
+      launches.set(launch, { patient: context.patient, ...(context.encounter ? { encounter: context.encounter } : {}) });
+      return send(res, 201, { launch });
+    }
+    if (interactive && url.pathname === '/fhir/.well-known/smart-configuration' && req.method === 'GET') {
+      return send(res, 200, smartConfiguration());
+    }
+    if (interactive && args['auto-login'] && url.pathname.startsWith('/interaction/') && req.method === 'GET') {
+      return await autoInteraction(req, res);
+    }
     if (url.pathname === '/fhir' || url.pathname.startsWith('/fhir/')) return await gateway(req, res, url);
     return handle(req, res);
   } catch (err) {
