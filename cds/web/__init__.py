@@ -50,11 +50,11 @@ def create_app(service: Service | None = None, test_config: Mapping[str, Any] | 
     app.register_blueprint(cdshooks.bp)
     app.register_blueprint(subscriptions.bp)
     app.register_blueprint(screen.bp)
-    from cds.web import audit_pages, dashboard
+    from cds.web import audit_pages, dashboard, smart_launch
 
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(audit_pages.bp)
-    app.register_blueprint(__import__("cds.web.smart_launch", fromlist=["bp"]).bp)
+    app.register_blueprint(smart_launch.bp)
 
     @app.get("/")
     def index() -> Any:

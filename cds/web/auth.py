@@ -275,8 +275,9 @@ def login() -> Any:
                 if not target.startswith("/") or target.startswith("//"):
                     target = url_for("index")
                 return redirect(target)
-    return render_template("login.html", error=error, expired=getattr(g, "session_expired", False)), \
-        (401 if error else 200)
+    sso = service().settings.oidc_issuer is not None
+    return render_template("login.html", error=error, expired=getattr(g, "session_expired", False),
+                           sso_enabled=sso), (401 if error else 200)
 
 
 @bp.post("/logout")

@@ -43,6 +43,7 @@ MESSAGES: dict[str, dict[str, str]] = {
     "back": {"en": "Back", "zh-CN": "返回"},
     "sign_in": {"en": "Sign in", "zh-CN": "登录"},
     "sign_out": {"en": "Sign out", "zh-CN": "退出"},
+    "sign_in_sso": {"en": "Sign in with your hospital account", "zh-CN": "使用医院统一账号登录"},
     "username": {"en": "User name", "zh-CN": "用户名"},
     "password": {"en": "Password", "zh-CN": "密码"},
     "login_failed": {"en": "Wrong user name or password.", "zh-CN": "用户名或密码错误。"},

@@ -36,7 +36,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -298,8 +298,8 @@ def _take(state: str, method: str) -> dict[str, Any]:
 
 
 def _audit_failure(method: str, error: LaunchError) -> None:
-    from compliance import audit
     from cds.web import service
+    from compliance import audit
 
     with service().pool.connection() as conn:
         audit.record(conn, event_type="login.failed", action="E", actor=error.actor or f"({method})",
@@ -317,8 +317,8 @@ def _error_page(method: str, error: LaunchError) -> Response:
 
 def _sign_in(user: auth.User, method: str, patient_ref: str | None = None) -> None:
     """Audit and start a fresh session for ``user`` (no fixation: the old session is dropped)."""
-    from compliance import audit
     from cds.web import service
+    from compliance import audit
 
     with service().pool.connection() as conn:
         audit.record(conn, event_type="login", action="E", actor=user.actor, role=user.role,
@@ -326,7 +326,7 @@ def _sign_in(user: auth.User, method: str, patient_ref: str | None = None) -> No
         conn.commit()
     session.clear()
     session["uid"] = user.id
-    session["seen"] = datetime.now(timezone.utc).timestamp()
+    session["seen"] = datetime.now(UTC).timestamp()
     session.permanent = False
 
 
