@@ -397,6 +397,22 @@ def _verified_claims(tokens: Mapping[str, Any], pending: Mapping[str, Any], clie
                              client_id=client_id, nonce=str(pending["nonce"]))
 
 
+def _redeem(method: str, endpoint: str, client_id: str | None, client_secret: str | None, *, what: str,
+            unset: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The callback half both flows share: the one-time state, an error the authorization server sent
+    back, the code (with the PKCE verifier) for tokens, and the verified id_token claims."""
+    pending = _take(request.args.get("state", "")[:200], method)
+    failure = _authorize_error(pending)
+    if failure:
+        raise failure
+    if not client_id:
+        raise LaunchError(400, "not-configured", unset)
+    tokens = exchange_code(str(pending["token_url"]), code=request.args["code"][:2000],
+                           redirect_uri=_redirect_uri(endpoint), verifier=str(pending["verifier"]),
+                           client_id=client_id, client_secret=client_secret, what=what)
+    return pending, tokens, _verified_claims(tokens, pending, client_id)
+
+
 @bp.get("/smart/callback")
 def callback() -> Any:
     """Code for tokens, id_token to a psych-cds user, then the launched patient's page."""
@@ -404,17 +420,9 @@ def callback() -> Any:
 
     settings = service().settings
     try:
-        pending = _take(request.args.get("state", "")[:200], SMART)
-        failure = _authorize_error(pending)
-        if failure:
-            raise failure
-        if not settings.smart_client_id:
-            raise LaunchError(400, "not-configured", "SMART launch is not set up here (CDS_SMART_CLIENT_ID).")
-        tokens = exchange_code(str(pending["token_url"]), code=request.args["code"][:2000],
-                               redirect_uri=_redirect_uri("smart_launch.callback"), verifier=str(pending["verifier"]),
-                               client_id=settings.smart_client_id, client_secret=settings.smart_client_secret,
-                               what="EHR")
-        claims = _verified_claims(tokens, pending, settings.smart_client_id)
+        pending, tokens, claims = _redeem(SMART, "smart_launch.callback", settings.smart_client_id,
+                                          settings.smart_client_secret, what="EHR",
+                                          unset="SMART launch is not set up here (CDS_SMART_CLIENT_ID).")
         practitioner = practitioner_ref(claims.get("fhirUser"), str(pending["iss"]))
         patient = tokens.get("patient")
         if patient is not None and not (isinstance(patient, str) and _PATIENT_ID.match(patient)):
@@ -470,17 +478,9 @@ def sso_callback() -> Any:
 
     settings = service().settings
     try:
-        pending = _take(request.args.get("state", "")[:200], SSO)
-        failure = _authorize_error(pending)
-        if failure:
-            raise failure
-        if not settings.oidc_client_id:
-            raise LaunchError(400, "not-configured", "Single sign-on is not set up here (CDS_OIDC_CLIENT_ID).")
-        tokens = exchange_code(str(pending["token_url"]), code=request.args["code"][:2000],
-                               redirect_uri=_redirect_uri("smart_launch.sso_callback"),
-                               verifier=str(pending["verifier"]), client_id=settings.oidc_client_id,
-                               client_secret=settings.oidc_client_secret, what="identity provider")
-        claims = _verified_claims(tokens, pending, settings.oidc_client_id)
+        pending, tokens, claims = _redeem(SSO, "smart_launch.sso_callback", settings.oidc_client_id,
+                                          settings.oidc_client_secret, what="identity provider",
+                                          unset="Single sign-on is not set up here (CDS_OIDC_CLIENT_ID).")
         name = claims.get(settings.oidc_username_claim)
         username = name if isinstance(name, str) and name else str(claims["sub"])
         with service().pool.connection() as conn:
