@@ -355,9 +355,10 @@ def main(argv: list[str]) -> None:
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     for name in chosen:
         print(f"bench {name} ...", flush=True)
-        results[name] = SECTIONS[name]()
+        results[name] = {**SECTIONS[name](), "commit": results["commit"],
+                         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         print(f"  {json.dumps(results[name])}", flush=True)
-    RESULTS.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        RESULTS.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")  # after each section
     print(f"wrote {RESULTS}")
 
 
