@@ -342,6 +342,7 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "rules": bench_rules,
     "audit": bench_audit,
     "screen_api": bench_screen_api,
+    "screen_api_single_client": lambda: bench_screen_api(clients=1, per_client=300),
     "ingest_to_alert": lambda: bench_ingest(int(os.environ.get("BENCH_PATIENTS", "300")),
                                             int(os.environ.get("BENCH_MESSAGES", "6000"))),
     "scale": bench_scale,
