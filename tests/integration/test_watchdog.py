@@ -38,7 +38,8 @@ def test_silent_subscription_raises_an_alarm_once_and_clears_on_heartbeat(client
     later = now + timedelta(seconds=2 * 60 + 5)  # two heartbeat periods and a bit
     raised = check_feeds(service, later)
     assert [(a.feed, a.reason) for a in raised] == [("subscription:sub-w", "silent")]
-    assert check_feeds(service, later + timedelta(seconds=30))  # still silent: not raised twice
+    still_later = later + timedelta(minutes=0.5)  # the controlled clock moves on; the feed stays silent
+    assert check_feeds(service, still_later)  # still silent: still alarmed, not raised twice
     assert audit_types(service) == ["ops.feed_silent"]
     shown = alarms(service)
     assert [a.feed for a in shown] == ["subscription:sub-w"] and shown[0].raised_at is not None
