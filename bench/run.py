@@ -87,6 +87,8 @@ class Stack:
         return [e["resource"] for e in r.json().get("entry", [])]
 
     def close(self) -> None:
+        from cds.store.db import stop_embedded
+
         for proc in [*self.workers, self.sandbox]:
             proc.terminate()
         for proc in [*self.workers, self.sandbox]:
@@ -94,6 +96,7 @@ class Stack:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        stop_embedded(self.tmp / "pg")
 
 
 def wait_for_result(check: Callable[[], Any], timeout_s: float = 60) -> Any:
@@ -268,12 +271,15 @@ def bench_rules(n: int = 20000) -> dict[str, Any]:
 
 
 def bench_audit() -> dict[str, Any]:
+    from cds.store.db import start_embedded, stop_embedded
     from compliance.bench import bench_audit as run
-    from cds.store.db import start_embedded
 
-    url = start_embedded(Path(tempfile.mkdtemp(prefix="cds-bench-audit-")) / "pg")
-    result = dict(run(url, n_append=2000, n_verify=int(os.environ.get("BENCH_AUDIT_VERIFY", "1000000"))))
-    return result
+    pgdata = Path(tempfile.mkdtemp(prefix="cds-bench-audit-")) / "pg"
+    try:
+        url = start_embedded(pgdata)
+        return dict(run(url, n_append=2000, n_verify=int(os.environ.get("BENCH_AUDIT_VERIFY", "1000000"))))
+    finally:
+        stop_embedded(pgdata)
 
 
 def bench_screen_api(clients: int = 4, per_client: int = 250) -> dict[str, Any]:

