@@ -32,8 +32,10 @@ def pg_server_url() -> Iterator[str]:
     try:
         yield str(server.get_uri())
     finally:
-        server._cleanup()  # stop now: a killed test run must not leave a server behind
-        _stop(server)  # _cleanup defers when another process registered too; the session owns this one
+        # Stop first: after restart_postgres the library only knows the old postmaster, skips the stop
+        # and deletes the data folder under the running server. The session owns this server.
+        _stop(server)
+        server._cleanup()
 
 
 _SERVER: dict[str, Any] = {}
