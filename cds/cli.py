@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import threading
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -209,13 +210,13 @@ def oncall() -> None:
 def oncall_set(obj: dict[str, Any], role: str, practitioner: str, display: str, phone: str | None, hours: float,
                actor: str) -> None:
     """Put PRACTITIONER (Practitioner/<id>) on call for ROLE from now for --hours."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from cds.alerts import set_oncall
     from cds.store.db import connect
     from compliance import audit
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with connect(obj["db_url"]()) as conn:
         entry = set_oncall(conn, role=role, practitioner_ref=practitioner, display=display, phone=phone,
                            starts_at=now, ends_at=now + timedelta(hours=hours), actor=actor)
@@ -225,12 +226,29 @@ def oncall_set(obj: dict[str, Any], role: str, practitioner: str, display: str, 
     click.echo(f"{display} ({practitioner}) is on call as {role} for {hours:g} h")
 
 
+@oncall.command("list")
+@click.pass_obj
+def oncall_list(obj: dict[str, Any]) -> None:
+    """Who is on call now and next, by role (staff names, no patient data)."""
+    from datetime import datetime
+
+    from cds.alerts import roster
+    from cds.store.db import connect
+
+    with connect(obj["db_url"]()) as conn:
+        entries = roster(conn, datetime.now(UTC))
+    if not entries:
+        click.echo("nobody is on call: escalations go to the care team only")
+    for e in entries:
+        click.echo(f"{e['role']:<13} {e['display']} ({e['practitioner_ref']}) "
+                   f"{e['starts_at']:%Y-%m-%d %H:%M} - {e['ends_at']:%Y-%m-%d %H:%M} UTC")
+
+
 def _register_optional_groups() -> None:
     """Subsystem command groups live beside their code."""
     from cds.nlp.commands import classify_command, model_group
     from cds.triage.commands import rules
     from compliance.commands import audit, keys, patient
-
     from integrations.fhir.smart import jwks_command
 
     keys.add_command(jwks_command)  # `cds keys jwks`: the public keys to register with the EHR

@@ -111,10 +111,6 @@ def set_fhir_id(conn: psycopg.Connection[Any], assessment_id: int, fhir_id: str)
     conn.execute("UPDATE assessments SET fhir_id = %s WHERE id = %s", (fhir_id, assessment_id))
 
 
-def window_start(now: datetime, days: int) -> datetime:
-    return now - timedelta(days=days)
-
-
 def iter_backtest_rows(conn: psycopg.Connection[Any], since: datetime | None,
                        lookback: timedelta = timedelta(days=14)) -> Any:
     """Stored live assessments in time order, each with the history the patient had then (previous

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -152,8 +151,3 @@ def list_quarantine(conn: psycopg.Connection[Any], limit: int = 100) -> list[dic
                         " FROM quarantine ORDER BY id DESC LIMIT %s", (limit,)).fetchall()
     keys = ("id", "received_at", "source", "resource_type", "resource_id", "reason", "reviewed_at")
     return [dict(zip(keys, r)) for r in rows]
-
-
-def latest_received(conn: psycopg.Connection[Any]) -> datetime | None:
-    row = conn.execute("SELECT max(received_at) FROM events").fetchone()
-    return row[0] if row else None

@@ -186,3 +186,18 @@ def test_duplicate_and_concurrent_deliveries_give_one_alert(ehr: Any, service: A
     assert events == (3, 3)
     assert assessments == 3
     assert alerts == 1
+
+
+def test_the_oncall_roster_is_set_and_listed_from_the_command_line(service: Any) -> None:
+    from click.testing import CliRunner
+
+    from cds.cli import cli
+
+    env = {"CDS_DATABASE_URL": service.db_url}
+    runner = CliRunner()
+    empty = runner.invoke(cli, ["oncall", "list"], env=env)
+    assert empty.exit_code == 0 and "nobody is on call" in empty.output
+    set_ = runner.invoke(cli, ["oncall", "set", "psychiatrist", "Practitioner/psy-9", "--name", "Dr Lin"], env=env)
+    assert set_.exit_code == 0, set_.output
+    listed = runner.invoke(cli, ["oncall", "list"], env=env)
+    assert listed.exit_code == 0 and "psychiatrist" in listed.output and "Practitioner/psy-9" in listed.output
