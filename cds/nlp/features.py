@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
@@ -86,22 +86,56 @@ def text_counts(text: str, cfg: FeatureConfig) -> Counter[int]:
     return counts
 
 
+def edge_words(text: str) -> tuple[str, str] | None:
+    """First and last Latin word of a text as the featuriser sees them (None without any): what a
+    word bigram across a newline joining two texts is made of."""
+    words = LATIN_WORD_RE.findall(normalise(text))
+    return (words[0], words[-1]) if words else None
+
+
+def joined_counts(parts: Sequence[str], cfg: FeatureConfig, counts: Callable[[str], Counter[int]],
+                  edges: Callable[[str], tuple[str, str] | None]) -> Counter[int]:
+    """``text_counts("\n".join(parts))`` from the parts' own counts (``counts``, usually cached) plus
+    the word bigrams that cross a newline. Exact: normalisation is character by character, and a
+    newline ends every Chinese run and every Latin word. A joined text the model would clip is
+    counted directly."""
+    if sum(len(p) for p in parts) + len(parts) - 1 > cfg.max_chars:
+        return text_counts("\n".join(parts), cfg)
+    total: Counter[int] = Counter()
+    last: str | None = None
+    for part in parts:
+        total.update(counts(part))
+        edge = edges(part)
+        if edge is None:
+            continue
+        if last is not None:
+            total[_bucket("b:" + last + " " + edge[0], cfg.buckets)] += 1
+        last = edge[1]
+    return total
+
+
 def featurise(texts: Sequence[str], cfg: FeatureConfig) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Batch of texts -> ``ids`` int64 [batch, L] and ``tf`` float32 [batch, L] (1 + ln count; 0 = padding).
 
     L is the longest row in the batch (at least 1), capped at ``cfg.max_features``; a row with more
     distinct n-grams keeps the most frequent ones (ties: lowest bucket id, so the result is stable).
     """
+    return featurise_counts([text_counts(text, cfg) for text in texts], cfg)
+
+
+def featurise_counts(batch: Sequence[Mapping[int, int]], cfg: FeatureConfig
+                     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """``featurise`` from n-gram counts already made (see ``joined_counts``)."""
     rows: list[list[tuple[int, int]]] = []
-    for text in texts:
-        items = sorted(text_counts(text, cfg).items())
+    for row_counts in batch:
+        items = sorted(row_counts.items())
         if len(items) > cfg.max_features:
             items = sorted(items, key=lambda kv: (-kv[1], kv[0]))[: cfg.max_features]
             items.sort()
         rows.append(items)
     width = max([1] + [len(r) for r in rows])
-    ids = np.zeros((len(texts), width), dtype=np.int64)
-    tf = np.zeros((len(texts), width), dtype=np.float32)
+    ids = np.zeros((len(batch), width), dtype=np.int64)
+    tf = np.zeros((len(batch), width), dtype=np.float32)
     for r, items in enumerate(rows):
         if items:
             ids[r, : len(items)] = [k for k, _ in items]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import numpy.typing as npt
 
 from cds.domain import FLAG_HARM_TO_OTHERS, FLAG_VICTIMISATION, Evidence, RiskTier, Signal
 from cds.errors import InputError, ModelError
-from cds.nlp.features import FeatureConfig, featurise, ngram_spans
+from cds.nlp.features import FeatureConfig, edge_words, featurise_counts, joined_counts, ngram_spans, text_counts
 from cds.nlp.safety_net import LEXICON_DIR, SafetyNetResult, lexicons, result_from_hits, scan_hits
 from cds.nlp.text import detect_lang
 
@@ -33,6 +35,38 @@ BATCH = 256
 MODEL_EVIDENCE_KIND = "model_cue"  # an n-gram that pushed the model towards its tier
 MODEL_EVIDENCE_MAX = 3
 CONTEXT_MESSAGES = 10  # messages the model reads together in a conversation window
+CACHE_TEXTS = 8192  # per-message results kept: a conversation's earlier messages are read again with each new one
+
+
+class _Lru:
+    """A small thread-safe LRU map. ``get_or_make`` is the only way in, so a value is always what
+    ``make`` returns for that key (the model is deterministic: a hit equals a recomputation)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._data: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Any:
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+
+    def get_or_make(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        value = self.get(key)
+        if value is None:
+            value = make()
+            self.put(key, value)
+        return value
 
 
 @dataclass(frozen=True)
@@ -153,6 +187,8 @@ class TextRiskModel:
         self.source = f"model:{self.sha256[:12]}"
         self.lexicon_dir = lexicon_dir
         lexicons(lexicon_dir)  # fail at load, not at the first message
+        self._text_cache = _Lru(CACHE_TEXTS)  # text -> (n-gram counts, edge words)
+        self._result_cache = _Lru(CACHE_TEXTS)  # (text, lang) -> TextResult
 
     @classmethod
     def load(cls, model_dir: Path | None = None, providers: Sequence[str] | None = None) -> TextRiskModel:
@@ -187,12 +223,21 @@ class TextRiskModel:
         return probs
 
     def _run(self, texts: Sequence[str], want_contrib: bool) -> tuple[npt.NDArray[np.float32], list[Any]]:
+        return self._run_counts([self._text_features(t)[0] for t in texts], want_contrib)
+
+    def _text_features(self, text: str) -> tuple[Counter[int], tuple[str, str] | None]:
+        made: tuple[Counter[int], tuple[str, str] | None] = self._text_cache.get_or_make(
+            text, lambda: (text_counts(text, self.features), edge_words(text)))
+        return made
+
+    def _run_counts(self, counts: Sequence[Mapping[int, int]], want_contrib: bool
+                    ) -> tuple[npt.NDArray[np.float32], list[Any]]:
         outs: list[npt.NDArray[np.float32]] = []
         contribs: list[Any] = []
         names = ["probs", "contrib"] if want_contrib else ["probs"]
-        for i in range(0, len(texts), BATCH):
-            chunk = texts[i:i + BATCH]
-            ids, tf = featurise(chunk, self.features)
+        for i in range(0, len(counts), BATCH):
+            chunk = counts[i:i + BATCH]
+            ids, tf = featurise_counts(chunk, self.features)
             res = self._session.run(names, {"ids": ids, "tf": tf})
             outs.append(res[0])
             if want_contrib:
@@ -200,6 +245,13 @@ class TextRiskModel:
         probs = np.concatenate(outs, axis=0) if outs else np.zeros((0, len(HEADS)), np.float32)
         probs[:, :4] = np.minimum.accumulate(probs[:, :4], axis=1)
         return probs, contribs
+
+    def _predict_joined(self, windows: Sequence[Sequence[str]]) -> npt.NDArray[np.float32]:
+        """``predict_proba`` of each window joined by newlines, from the messages' cached counts."""
+        counts = [joined_counts(w, self.features, lambda t: self._text_features(t)[0],
+                                lambda t: self._text_features(t)[1]) for w in windows]
+        probs, _ = self._run_counts(counts, want_contrib=False)
+        return probs
 
     def _model_evidence(self, text: str, ids: npt.NDArray[np.int64], contrib: npt.NDArray[np.float32],
                         head: int) -> list[Evidence]:
@@ -233,14 +285,23 @@ class TextRiskModel:
         if langs is not None and len(langs) != len(texts):
             raise InputError(f"classify(): {len(texts)} texts but {len(langs)} langs")
         texts = [t if isinstance(t, str) else "" for t in texts]
-        probs, contribs = self._run(texts, want_contrib=True)
-        out: list[TextResult] = []
+        keys = []
         for i, text in enumerate(texts):
             given = langs[i] if langs is not None else None
-            lang = given if given in ("zh", "en") else detect_lang(text)
-            sn = self._scan(text, lang)
-            out.append(self._result(text, lang, probs[i], sn, contribs[i]))
-        return out
+            keys.append((text, given if given in ("zh", "en") else detect_lang(text)))
+        found: dict[tuple[str, str], TextResult] = {}
+        for key in keys:
+            hit = self._result_cache.get(key)
+            if hit is not None:
+                found[key] = hit
+        todo = list(dict.fromkeys(k for k in keys if k not in found))
+        if todo:
+            probs, contribs = self._run([t for t, _ in todo], want_contrib=True)
+            for j, (text, lang) in enumerate(todo):
+                result = self._result(text, lang, probs[j], self._scan(text, lang), contribs[j])
+                self._result_cache.put((text, lang), result)
+                found[(text, lang)] = result
+        return [found[k] for k in keys]
 
     def _scan(self, text: str, lang: str) -> SafetyNetResult:
         hits = scan_hits(text, lang, self.lexicon_dir)
@@ -288,9 +349,10 @@ class TextRiskModel:
         joint = "\n".join(messages)
         conv_lang = lang if lang in ("zh", "en") else detect_lang(joint)
         per = self.classify(messages, [conv_lang] * len(messages))
-        windows = ["\n".join(messages[max(0, i - CONTEXT_MESSAGES + 1):i + 1]) for i in range(1, len(messages))]
+        parts = [messages[max(0, i - CONTEXT_MESSAGES + 1):i + 1] for i in range(1, len(messages))]
+        windows = ["\n".join(p) for p in parts]
         th = self._thresholds_for(conv_lang)
-        win_probs = self.predict_proba(windows) if windows else np.zeros((0, len(HEADS)), np.float32)
+        win_probs = self._predict_joined(parts) if windows else np.zeros((0, len(HEADS)), np.float32)
         win_tiers = [tier_from_probs(p, th) for p, w in zip(win_probs, windows) if w.strip()]
         sn = self._scan(joint, conv_lang)
 

@@ -314,3 +314,40 @@ def test_short_message_the_lexicon_explains_away_is_capped_at_low(alarmed_model:
 def test_model_tier_stands_when_nothing_is_explained_away(alarmed_model: TextRiskModel, text: str) -> None:
     [r] = alarmed_model.classify([text])
     assert r.tier == RiskTier.IMMINENT
+
+
+MESSAGE_TEXT = st.text(alphabet=st.sampled_from(list("ab z'Z9\n我想死了。！ Ｋ’é-")), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(parts=st.lists(MESSAGE_TEXT, min_size=1, max_size=6))
+def test_window_counts_from_cached_messages_equal_counting_the_joined_text(parts: list[str]) -> None:
+    """Conversation windows are counted from their messages' cached n-grams; that must be exactly
+    what counting the joined text gives (a newline ends every Chinese run and Latin word)."""
+    from cds.nlp.features import FeatureConfig, edge_words, joined_counts, text_counts
+
+    cfg = FeatureConfig()
+    assert joined_counts(parts, cfg, lambda t: text_counts(t, cfg), edge_words) == text_counts("\n".join(parts), cfg)
+
+
+def test_cached_results_equal_fresh_ones() -> None:
+    """The per-message cache only saves work: a warm model answers exactly as a cold one."""
+    model = TextRiskModel.load()  # the shipped model: its tiers and evidence are not all "none"
+    conversation = ["最近睡不好", "those pills in the drawer", "我今天买到了", "I will take them tonight",
+                    "写完就去打球", "hello"]
+    from dataclasses import replace
+
+    def same(a: Any, b: Any) -> bool:
+        # ONNX Runtime sums in an order that depends on the batch's padded width, so probabilities
+        # may differ in the 7th decimal between batch shapes; everything else is exactly equal.
+        return bool(abs(a.probability - b.probability) < 1e-6 and replace(a, probability=0) == replace(b, probability=0))
+
+    warm = [model.assess_conversation(conversation[:i + 1]) for i in range(len(conversation))]
+    assert {r.tier for r in warm} != {RiskTier.NONE}
+    cold = TextRiskModel.load(model.model_dir)
+    for i in range(len(conversation)):
+        fresh = cold.assess_conversation(conversation[:i + 1])
+        cold._result_cache = type(cold._result_cache)(cold._result_cache.maxsize)  # empty again
+        cold._text_cache = type(cold._text_cache)(cold._text_cache.maxsize)
+        assert same(fresh, warm[i])
+    assert all(same(a, b) for a, b in zip(model.classify(conversation), cold.classify(conversation)))
