@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -269,6 +269,29 @@ def record(conn: psycopg.Connection[Any], *, event_type: str, action: str, actor
     under REPEATABLE READ a stale snapshot makes the insert fail on the ``seq`` key rather than fork
     the chain.
     """
+    prepared = _prepare(event_type=event_type, action=action, actor=actor, role=role, patient_ref=patient_ref,
+                        purpose=purpose, outcome=outcome, entity=entity, detail=detail)
+    with own_transaction(conn):
+        return _append(conn, [prepared])
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    event_type: str
+    action: str
+    outcome: int
+    actor: str
+    role: str | None
+    patient_ref: str | None
+    purpose: str | None
+    entity_n: Any
+    detail_n: Any
+
+
+def _prepare(*, event_type: str, action: str, actor: str, role: str | None = None, patient_ref: str | None = None,
+             purpose: str | None = None, outcome: int = 0, entity: Mapping[str, Any] | None = None,
+             detail: Mapping[str, Any] | None = None) -> _Prepared:
+    """Check and normalise one record before any lock is taken (what cannot be stored fails here)."""
     if not _EVENT_TYPE_RE.match(event_type):
         raise ValueError(f"bad audit event_type {event_type!r}")
     if action not in ACTIONS:
@@ -281,15 +304,13 @@ def record(conn: psycopg.Connection[Any], *, event_type: str, action: str, actor
     _check_no_phi(detail, "detail")
     entity_n = normalise_json(entity)
     detail_n = normalise_json(detail)
-    try:  # fail before taking the lock on what cannot be stored (lone surrogates, NUL)
+    try:  # lone surrogates, NUL
         text = canonical_bytes({"e": entity_n, "d": detail_n, "s": [event_type, actor, role, patient_ref, purpose]})
     except UnicodeEncodeError as exc:
         raise ValueError("audit values must be valid Unicode text") from exc
     if b"\\u0000" in text:
         raise ValueError("audit values must not contain NUL characters")
-
-    with own_transaction(conn):
-        return _append(conn, event_type, action, actor, role, patient_ref, purpose, outcome, entity_n, detail_n)
+    return _Prepared(event_type, action, outcome, actor, role, patient_ref, purpose, entity_n, detail_n)
 
 
 def own_transaction(conn: psycopg.Connection[Any]) -> AbstractContextManager[Any]:
@@ -298,8 +319,9 @@ def own_transaction(conn: psycopg.Connection[Any]) -> AbstractContextManager[Any
     return conn.transaction() if conn.autocommit else nullcontext()
 
 
-def _append(conn: psycopg.Connection[Any], event_type: str, action: str, actor: str, role: str | None,
-            patient_ref: str | None, purpose: str | None, outcome: int, entity_n: Any, detail_n: Any) -> int:
+def _append(conn: psycopg.Connection[Any], records: Sequence[_Prepared]) -> int:
+    """Chain ``records`` onto the log under the append lock: one lock, one read of the chain's head and
+    one multi-row insert, whatever their number. Returns the last ``seq``."""
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (AUDIT_LOCK,))
     # a new statement after the lock: its snapshot sees the last committed record
     row = conn.execute(
@@ -307,17 +329,22 @@ def _append(conn: psycopg.Connection[Any], event_type: str, action: str, actor: 
         " (SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1)").fetchone()
     assert row is not None
     recorded_at: datetime = row[0]
-    seq = int(row[1]) + 1 if row[1] is not None else 1
+    seq = int(row[1]) if row[1] is not None else 0
     prev_hash = str(row[2]) if row[2] is not None else GENESIS_HASH
-    digest = record_hash(_hash_fields(seq, format_ts(recorded_at), event_type, action, outcome, actor, role,
-                                      patient_ref, purpose, entity_n, detail_n, prev_hash))
-    conn.execute(
-        "INSERT INTO audit_log (seq, recorded_at, event_type, action, outcome, actor, actor_role, patient_ref,"
-        " purpose, entity, detail, prev_hash, hash)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s)",
-        (seq, recorded_at, event_type, action, outcome, actor, role, patient_ref, purpose,
-         None if entity_n is None else json.dumps(entity_n, ensure_ascii=False),
-         None if detail_n is None else json.dumps(detail_n, ensure_ascii=False), prev_hash, digest))
+    rows = []
+    for r in records:
+        seq += 1
+        digest = record_hash(_hash_fields(seq, format_ts(recorded_at), r.event_type, r.action, r.outcome, r.actor,
+                                          r.role, r.patient_ref, r.purpose, r.entity_n, r.detail_n, prev_hash))
+        rows.append((seq, recorded_at, r.event_type, r.action, r.outcome, r.actor, r.role, r.patient_ref, r.purpose,
+                     None if r.entity_n is None else json.dumps(r.entity_n, ensure_ascii=False),
+                     None if r.detail_n is None else json.dumps(r.detail_n, ensure_ascii=False), prev_hash, digest))
+        prev_hash = digest
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO audit_log (seq, recorded_at, event_type, action, outcome, actor, actor_role, patient_ref,"
+            " purpose, entity, detail, prev_hash, hash)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s)", rows)
     return seq
 
 
@@ -626,5 +653,7 @@ def record_batch(conn: psycopg.Connection[Any], entries: Iterable[Mapping[str, A
     """Append several records at once, for callers that collect them during a long transaction and
     append them last: the chain's append lock is then held only from here to the commit, never across
     network calls or other work (which would make every audited transaction wait on it)."""
-    for entry in entries:
-        record(conn, **entry)
+    prepared = [_prepare(**entry) for entry in entries]
+    if prepared:
+        with own_transaction(conn):
+            _append(conn, prepared)

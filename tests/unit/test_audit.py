@@ -371,3 +371,19 @@ def test_autocommit_connection_gets_its_own_transaction(db_url: str) -> None:
         assert audit.record(conn, event_type=EventType.LOGOUT, action="E", actor="u") == 2
     with connect(db_url) as conn:
         assert audit.verify(conn).ok
+
+
+def test_a_batch_is_chained_in_order_and_refused_whole_when_one_record_is_bad(chain: str) -> None:
+    entries = [dict(event_type=EventType.REST_READ, action="R", actor="psych-cds", patient_ref=f"Patient/b{i}",
+                    entity={"what": f"Flag/{i}"}, detail={"i": i}) for i in range(5)]
+    with connect(chain) as conn:
+        with pytest.raises(ValueError):  # checked before anything is appended
+            audit.record_batch(conn, [*entries, dict(event_type=EventType.REST_READ, action="R", actor="x",
+                                                     detail={"text": "patient words"})])
+        conn.rollback()
+        audit.record_batch(conn, entries)
+        conn.commit()
+        rows = conn.execute("SELECT seq, patient_ref FROM audit_log WHERE seq > 10 ORDER BY seq").fetchall()
+        result = audit.verify(conn)
+    assert rows == [(11 + i, f"Patient/b{i}") for i in range(5)]
+    assert result.ok and result.checked == 15
