@@ -89,7 +89,7 @@ def serve(workers: int, dev: bool) -> None:
 def worker() -> None:
     """Run the pipeline worker: poll feeds, assess, deliver write-backs, scheduled jobs."""
     _configure_logging()
-    from cds.jobs import build_scheduler
+    from cds.jobs import build_scheduler, wake_on_notify
     from cds.service import Service
 
     service = Service.start(_settings())
@@ -98,6 +98,7 @@ def worker() -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     scheduler.start()
+    threading.Thread(target=wake_on_notify, args=(service, scheduler, stop), name="wake", daemon=True).start()
     click.echo(f"worker running against {service.settings.fhir_base_url}", err=True)
     stop.wait()
     scheduler.shutdown(wait=True)

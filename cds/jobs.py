@@ -8,8 +8,11 @@ adds throughput and never doubles work.
 from __future__ import annotations
 
 import logging
+import threading
+from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from cds.service import Service
@@ -134,3 +137,30 @@ def build_scheduler(service: Service) -> BackgroundScheduler:
     scheduler.add_job(_safely(watch_feeds, service), "interval", minutes=1, id="feed_watchdog")
     scheduler.add_job(_safely(apply_retention, service), "interval", hours=6, id="retention")
     return scheduler
+
+
+WAKE_JOBS = {"cds_events": "process_events", "cds_outbox": "outbox"}  # channel -> job (migration 0007)
+
+
+def wake_on_notify(service: Service, scheduler: BackgroundScheduler, stop: threading.Event,
+                   listening: threading.Event | None = None) -> None:
+    """LISTEN for new events and outbox rows and run their job at once, instead of at its next tick.
+
+    Only a shortcut: the jobs still run on their intervals, so a lost connection or notification delays
+    work by at most one interval. Reconnects after a database restart.
+    """
+    while not stop.is_set():
+        try:
+            with psycopg.connect(service.db_url, autocommit=True) as conn:
+                for channel in WAKE_JOBS:
+                    conn.execute(f"LISTEN {channel}")
+                if listening is not None:
+                    listening.set()
+                while not stop.is_set():
+                    for note in conn.notifies(timeout=1.0):
+                        job = scheduler.get_job(WAKE_JOBS.get(note.channel, ""))
+                        if job is not None:
+                            job.modify(next_run_time=datetime.now(UTC))
+        except psycopg.Error as exc:
+            log.warning("wake-up listener reconnecting", extra={"error": exc.__class__.__name__})
+            stop.wait(1.0)

@@ -74,25 +74,43 @@ def _value(param: Mapping[str, Any]) -> Any:
     return None
 
 
-def _last_id(reference: str | None, resource_type: str) -> str | None:
+def _last_id(reference: Any, resource_type: str) -> str | None:
     """``Subscription/123`` or ``https://ehr/fhir/Subscription/123`` -> ``123``."""
-    if not reference:
+    if not isinstance(reference, str) or not reference:
         return None
     parts = reference.split("/_history/")[0].rstrip("/").split("/")
     return parts[-1] if len(parts) >= 2 and parts[-2] == resource_type and parts[-1] else None
 
 
+def _reference(value: Any, what: str) -> str | None:
+    """A reference's string (from a Reference object or the string itself); None when absent."""
+    if isinstance(value, Mapping):
+        value = value.get("reference")
+    if value is None or isinstance(value, str):
+        return value
+    raise InputError(f"{what} must be a reference (Type/id)")
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InputError(f"{what} must be a list")
+    return value
+
+
 def _from_parameters(status: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"events": []}
-    for param in status.get("parameter") or []:
+    for param in _list(status.get("parameter"), "SubscriptionStatus parameter"):
         if not isinstance(param, Mapping):
             raise InputError("SubscriptionStatus parameter must be an object")
         name = param.get("name")
         if name == "notification-event":
-            parts = {p.get("name"): _value(p) for p in param.get("part") or [] if isinstance(p, Mapping)}
+            parts = {p["name"]: _value(p) for p in _list(param.get("part"), "notification-event part")
+                     if isinstance(p, Mapping) and isinstance(p.get("name"), str)}
             out["events"].append(NotificationEvent(
                 str(parts["event-number"]) if parts.get("event-number") is not None else None,
-                parse_instant(parts.get("timestamp")), parts.get("focus")))
+                parse_instant(parts.get("timestamp")), _reference(parts.get("focus"), "notification-event focus")))
         elif name in ("subscription", "topic", "status", "type", "events-since-subscription-start"):
             out[str(name)] = _value(param)
     return out
@@ -101,9 +119,9 @@ def _from_parameters(status: Mapping[str, Any]) -> dict[str, Any]:
 def _from_status_resource(status: Mapping[str, Any]) -> dict[str, Any]:
     """R4B / R5 ``SubscriptionStatus`` resource, same fields in camelCase."""
     events = [NotificationEvent(str(e.get("eventNumber")) if e.get("eventNumber") is not None else None,
-                                parse_instant(e.get("timestamp")), (e.get("focus") or {}).get("reference"))
-              for e in status.get("notificationEvent") or [] if isinstance(e, Mapping)]
-    return {"subscription": (status.get("subscription") or {}).get("reference"), "topic": status.get("topic"),
+                                parse_instant(e.get("timestamp")), _reference(e.get("focus"), "notificationEvent.focus"))
+              for e in _list(status.get("notificationEvent"), "notificationEvent") if isinstance(e, Mapping)]
+    return {"subscription": _reference(status.get("subscription"), "subscription"), "topic": status.get("topic"),
             "status": status.get("status"), "type": status.get("type"),
             "events-since-subscription-start": status.get("eventsSinceSubscriptionStart"), "events": events}
 
@@ -134,9 +152,9 @@ def parse_notification(bundle: Any) -> Notification:
     for entry in entries[1:]:
         if not isinstance(entry, Mapping):
             raise InputError("notification Bundle entries must be objects")
-        resource = entry.get("resource")
+        resource, full_url = entry.get("resource"), entry.get("fullUrl")
         if isinstance(resource, Mapping):
-            resources.append((entry.get("fullUrl"), resource))
+            resources.append((full_url if isinstance(full_url, str) else None, resource))
     return Notification(subscription_id=subscription_id, topic=fields.get("topic"), status=fields.get("status"),
                         type=str(kind), events_since_start=fields.get("events-since-subscription-start"),
                         events=tuple(fields["events"]), resources=tuple(resources))
@@ -185,7 +203,8 @@ def _resolve(notification: Notification, event: NotificationEvent, client: FhirC
     if rtype not in ASSESSED_TYPES:
         return None
     bundled = _bundled(notification, rtype, rid)
-    if bundled is not None and (bundled.get("meta") or {}).get("versionId"):
+    meta = bundled.get("meta") if bundled is not None else None
+    if bundled is not None and isinstance(meta, Mapping) and meta.get("versionId"):
         return bundled
     # id-only (or a resource without meta.versionId, which polling would key differently): ask the EHR
     try:
@@ -206,12 +225,15 @@ def handle_notification(notification: Notification) -> NotifyResult:
         return NotifyResult(notification.feed, notification.type)
     ingested = duplicates = quarantined = skipped = 0
     try:
+        resources = []
         for event in notification.events:
             resource = _resolve(notification, event, svc.fhir)
             if resource is None or is_own_write(resource):
                 skipped += 1
                 continue
-            result = svc.pipeline.ingest(resource, source="ehr")
+            resources.append(resource)
+        # One transaction for the whole notification (up to hundreds of events at a busy hour).
+        for result in svc.pipeline.ingest_batch(resources, source="ehr") if resources else []:
             if result.quarantine_id is not None:
                 quarantined += 1
             elif result.duplicate:
