@@ -9,7 +9,6 @@ normalisation happen inside the ONNX graph, so the featuriser only counts.
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -95,23 +94,34 @@ def edge_words(text: str) -> tuple[str, str] | None:
 
 def joined_counts(parts: Sequence[str], cfg: FeatureConfig, counts: Callable[[str], Counter[int]],
                   edges: Callable[[str], tuple[str, str] | None]) -> Counter[int]:
-    """``text_counts("\n".join(parts))`` from the parts' own counts (``counts``, usually cached) plus
+    """``text_counts("\\n".join(parts))`` from the parts' own counts (``counts``, usually cached) plus
     the word bigrams that cross a newline. Exact: normalisation is character by character, and a
     newline ends every Chinese run and every Latin word. A joined text the model would clip is
     counted directly."""
-    if sum(len(p) for p in parts) + len(parts) - 1 > cfg.max_chars:
-        return text_counts("\n".join(parts), cfg)
+    return prefix_counts(parts, cfg, counts, edges)[-1]
+
+
+def prefix_counts(parts: Sequence[str], cfg: FeatureConfig, counts: Callable[[str], Counter[int]],
+                  edges: Callable[[str], tuple[str, str] | None]) -> list[Counter[int]]:
+    """``joined_counts`` of every prefix of ``parts`` (parts[:1], parts[:2], ...), each built on the last."""
+    out: list[Counter[int]] = []
     total: Counter[int] = Counter()
     last: str | None = None
-    for part in parts:
+    length = -1
+    for k, part in enumerate(parts):
+        length += len(part) + 1
+        if length > cfg.max_chars:  # the model clips this text: count it as the model reads it
+            out.append(text_counts("\n".join(parts[:k + 1]), cfg))
+            continue
+        total = total.copy() if out else total
         total.update(counts(part))
         edge = edges(part)
-        if edge is None:
-            continue
-        if last is not None:
-            total[_bucket("b:" + last + " " + edge[0], cfg.buckets)] += 1
-        last = edge[1]
-    return total
+        if edge is not None:
+            if last is not None:
+                total[_bucket("b:" + last + " " + edge[0], cfg.buckets)] += 1
+            last = edge[1]
+        out.append(total)
+    return out
 
 
 def featurise(texts: Sequence[str], cfg: FeatureConfig) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
@@ -126,20 +136,21 @@ def featurise(texts: Sequence[str], cfg: FeatureConfig) -> tuple[npt.NDArray[np.
 def featurise_counts(batch: Sequence[Mapping[int, int]], cfg: FeatureConfig
                      ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """``featurise`` from n-gram counts already made (see ``joined_counts``)."""
-    rows: list[list[tuple[int, int]]] = []
-    for row_counts in batch:
-        items = sorted(row_counts.items())
-        if len(items) > cfg.max_features:
-            items = sorted(items, key=lambda kv: (-kv[1], kv[0]))[: cfg.max_features]
-            items.sort()
-        rows.append(items)
-    width = max([1] + [len(r) for r in rows])
+    width = max([1] + [min(len(c), cfg.max_features) for c in batch])
     ids = np.zeros((len(batch), width), dtype=np.int64)
     tf = np.zeros((len(batch), width), dtype=np.float32)
-    for r, items in enumerate(rows):
-        if items:
-            ids[r, : len(items)] = [k for k, _ in items]
-            tf[r, : len(items)] = [1.0 + math.log(c) for _, c in items]
+    for r, row_counts in enumerate(batch):
+        n = len(row_counts)
+        if not n:
+            continue
+        keys = np.fromiter(row_counts.keys(), dtype=np.int64, count=n)
+        counts = np.fromiter(row_counts.values(), dtype=np.float64, count=n)
+        if n > cfg.max_features:  # the most frequent, ties by lowest bucket id
+            keep = np.lexsort((keys, -counts))[: cfg.max_features]
+            keys, counts = keys[keep], counts[keep]
+        order = np.argsort(keys)
+        ids[r, : len(keys)] = keys[order]
+        tf[r, : len(keys)] = 1.0 + np.log(counts[order])
     return ids, tf
 
 

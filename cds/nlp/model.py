@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from cds.domain import FLAG_HARM_TO_OTHERS, FLAG_VICTIMISATION, Evidence, RiskTier, Signal
 from cds.errors import InputError, ModelError
-from cds.nlp.features import FeatureConfig, edge_words, featurise_counts, joined_counts, ngram_spans, text_counts
+from cds.nlp.features import FeatureConfig, edge_words, featurise_counts, ngram_spans, prefix_counts, text_counts
 from cds.nlp.safety_net import LEXICON_DIR, SafetyNetResult, lexicons, result_from_hits, scan_hits
 from cds.nlp.text import detect_lang
 
@@ -248,8 +248,25 @@ class TextRiskModel:
 
     def _predict_joined(self, windows: Sequence[Sequence[str]]) -> npt.NDArray[np.float32]:
         """``predict_proba`` of each window joined by newlines, from the messages' cached counts."""
-        counts = [joined_counts(w, self.features, lambda t: self._text_features(t)[0],
-                                lambda t: self._text_features(t)[1]) for w in windows]
+        def counts_of(text: str) -> Counter[int]:
+            return self._text_features(text)[0]
+
+        def edges_of(text: str) -> tuple[str, str] | None:
+            return self._text_features(text)[1]
+
+        # Windows that grow one message at a time (a conversation shorter than CONTEXT_MESSAGES) are
+        # counted as prefixes, each from the one before.
+        counts: list[Counter[int]] = []
+        i = 0
+        while i < len(windows):
+            j = i + 1
+            while j < len(windows) and len(windows[j]) == len(windows[j - 1]) + 1 \
+                    and windows[j][0] is windows[i][0] and windows[j][:-1] == windows[j - 1]:
+                j += 1
+            run = windows[j - 1]
+            first = len(windows[i])
+            counts += prefix_counts(run, self.features, counts_of, edges_of)[first - 1:]
+            i = j
         probs, _ = self._run_counts(counts, want_contrib=False)
         return probs
 
