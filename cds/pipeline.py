@@ -23,6 +23,7 @@ from cds.settings import Settings
 from cds.store import assessments as assessment_store
 from cds.store import events as event_store
 from cds.store import outbox
+from cds.storage_health import is_storage_error, storage_watch
 from cds.store.cipher import Cipher
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,10 @@ class Pipeline:
 
     def ingest_batch(self, resources: Sequence[Any], *, source: str, actor: str = "psych-cds") -> list[IngestResult]:
         """Store a page of inputs in one transaction (one commit, audit records appended last)."""
+        with storage_watch():
+            return self._ingest_batch(resources, source=source, actor=actor)
+
+    def _ingest_batch(self, resources: Sequence[Any], *, source: str, actor: str) -> list[IngestResult]:
         from integrations.fhir.mapping import to_event
 
         results: list[IngestResult] = []
@@ -265,6 +270,10 @@ class Pipeline:
         append lock is then held for milliseconds, not for the whole batch (which would make every
         ingest and every other worker wait on it, and could deadlock against row locks).
         """
+        with storage_watch():
+            return self._process_pending(limit)
+
+    def _process_pending(self, limit: int | None) -> list[Processed]:
         results: list[Processed] = []
         with self.pool.connection() as conn, conn.transaction():
             audits: list[dict[str, Any]] = []
@@ -277,7 +286,7 @@ class Pipeline:
 
     def process_event(self, event_id: int) -> Processed | None:
         """Process one stored event now (the screening API's synchronous path)."""
-        with self.pool.connection() as conn, conn.transaction():
+        with storage_watch(), self.pool.connection() as conn, conn.transaction():
             stored = event_store.claim_event(conn, self.cipher, event_id)
             if stored is None:
                 return None
@@ -293,6 +302,8 @@ class Pipeline:
             with conn.transaction():
                 return self._process(conn, stored, audits)
         except (CdsError, CryptoError, psycopg.Error, ValueError, KeyError, TypeError) as exc:
+            if is_storage_error(exc):  # not this event's fault: the whole batch waits, nothing counts as tried
+                raise
             del audits[mark:]  # what the rolled-back savepoint did, it did not do
             # Never swallowed: counted, logged without PHI, and parked as failed after the last attempt.
             error = f"{exc.__class__.__name__}: {str(exc)[:300]}"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any
 
+import yaml
 from flask import Blueprint, jsonify, request
 
 from cds.errors import InputError
@@ -13,6 +16,16 @@ from cds.web import service
 from integrations.fhir.watchdog import active_alarms
 
 bp = Blueprint("api", __name__)
+
+OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """The machine API's OpenAPI description (cds/web/openapi.yaml), read once."""
+    with OPENAPI_PATH.open(encoding="utf-8") as f:
+        document: dict[str, Any] = yaml.safe_load(f)
+    return document
 
 
 @bp.get("/healthz")
@@ -39,6 +52,12 @@ def healthz() -> Any:
     except Exception as exc:  # the health endpoint reports failure, it does not fail
         body["status"] = "error"
         body["database"] = {"status": "error", "error": exc.__class__.__name__}
+    from cds.storage_health import storage_alarm
+
+    storage = storage_alarm()  # reads still work on a full disk; writes do not
+    if storage is not None:
+        body["status"] = "error"
+        body["database"] = {**body.get("database", {}), "status": "error", "storage": storage}
     model = svc.engines.text_model
     body["model"] = ({"status": "ok", "sha256": model.sha256, "provider": model.provider}
                      if model is not None else {"status": "unavailable", "fallback": "safety net only"})
@@ -64,3 +83,9 @@ def quarantine() -> Any:
         rows = event_store.list_quarantine(conn)
     return jsonify([{**r, "received_at": r["received_at"].isoformat(),
                      "reviewed_at": r["reviewed_at"].isoformat() if r["reviewed_at"] else None} for r in rows])
+
+
+@bp.get("/api/v1/openapi.json")
+def openapi() -> Any:
+    """The OpenAPI description of the machine API, naming this instance's public address as its server."""
+    return jsonify({**openapi_document(), "servers": [{"url": service().settings.public_base_url}]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
@@ -54,6 +55,22 @@ def init_app(app: Flask) -> None:
     def _too_deep(exc: RecursionError) -> Any:
         # JSON nested thousands of levels deep exhausts the parser: the request is bad, not the server.
         return outcome_response(400, "invalid", "the JSON body is nested too deeply")
+
+    @app.errorhandler(psycopg.OperationalError)
+    def _database_unavailable(exc: psycopg.OperationalError) -> Any:
+        # Disk full, database restarting, connections exhausted: the request was not stored and may be
+        # sent again (idempotent), which is what 503 + Retry-After tells a client. Never a "no risk".
+        from cds.storage_health import is_storage_error, storage_failed
+
+        if is_storage_error(exc):
+            storage_failed(exc)
+            message = "the database cannot store data (disk full); nothing was stored or assessed: retry later"
+        else:
+            app.logger.error("database unavailable: %s", exc.__class__.__name__)
+            message = "the database is unavailable; nothing was stored or assessed: retry later"
+        response = outcome_response(503, "transient", message)
+        response.headers["Retry-After"] = "30"
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Any:
