@@ -217,29 +217,50 @@ class Pipeline:
             return self._ingest_batch(resources, source=source, actor=actor)
 
     def _ingest_batch(self, resources: Sequence[Any], *, source: str, actor: str) -> list[IngestResult]:
-        from integrations.fhir.mapping import to_event
-
-        results: list[IngestResult] = []
         audits: list[dict[str, Any]] = []
         with self.pool.connection() as conn:
             with conn.transaction():
-                for resource in resources:
-                    try:
-                        event = to_event(resource, source=source)
-                    except InputError as exc:
-                        qid = self._quarantine(conn, resource, source, str(exc), audits)
-                        results.append(IngestResult(None, False, quarantine_id=qid, reason=str(exc)))
-                        continue
-                    event_id, inserted = event_store.insert_event(conn, self.cipher, event)
-                    audits.append(dict(event_type="event.received", action="C", actor=actor,
-                                       patient_ref=event.patient_ref, outcome=0,
-                                       entity={"what": event_reference(event), "event_id": event_id},
-                                       detail={"duplicate": not inserted, "source": source}))
-                    results.append(IngestResult(event_id, duplicate=not inserted))
+                results = self._store_inputs(conn, resources, source, actor, audits)
                 _append_audits(conn, audits)
         stored = sum(1 for r in results if r.event_id is not None and not r.duplicate)
         if stored:
             log.info("events stored", extra={"count": stored, "source": source})
+        return results
+
+    def ingest_and_process(self, resource: Any, *, source: str, actor: str = "psych-cds"
+                           ) -> tuple[IngestResult, Processed | None]:
+        """Store one input and assess it in the same transaction (the screening API's synchronous path):
+        the caller gets its answer only once both are committed, and a failure leaves nothing half done
+        (a failed assessment leaves the event stored and pending for the workers)."""
+        with storage_watch(), self.pool.connection() as conn, conn.transaction():
+            audits: list[dict[str, Any]] = []
+            result = self._store_inputs(conn, [resource], source, actor, audits)[0]
+            processed = None
+            if result.event_id is not None and not result.duplicate:
+                stored = event_store.claim_event(conn, self.cipher, result.event_id)
+                if stored is not None:
+                    processed = self._process_guarded(conn, stored, audits)
+            _append_audits(conn, audits)
+        return result, processed
+
+    def _store_inputs(self, conn: psycopg.Connection[Any], resources: Sequence[Any], source: str, actor: str,
+                      audits: list[dict[str, Any]]) -> list[IngestResult]:
+        from integrations.fhir.mapping import to_event
+
+        results: list[IngestResult] = []
+        for resource in resources:
+            try:
+                event = to_event(resource, source=source)
+            except InputError as exc:
+                qid = self._quarantine(conn, resource, source, str(exc), audits)
+                results.append(IngestResult(None, False, quarantine_id=qid, reason=str(exc)))
+                continue
+            event_id, inserted = event_store.insert_event(conn, self.cipher, event)
+            audits.append(dict(event_type="event.received", action="C", actor=actor,
+                               patient_ref=event.patient_ref, outcome=0,
+                               entity={"what": event_reference(event), "event_id": event_id},
+                               detail={"duplicate": not inserted, "source": source}))
+            results.append(IngestResult(event_id, duplicate=not inserted))
         return results
 
     def _quarantine(self, conn: psycopg.Connection[Any], resource: Any, source: str, reason: str,
@@ -283,17 +304,6 @@ class Pipeline:
                 results.append(self._process_guarded(conn, stored, audits))
             _append_audits(conn, audits)
         return results
-
-    def process_event(self, event_id: int) -> Processed | None:
-        """Process one stored event now (the screening API's synchronous path)."""
-        with storage_watch(), self.pool.connection() as conn, conn.transaction():
-            stored = event_store.claim_event(conn, self.cipher, event_id)
-            if stored is None:
-                return None
-            audits: list[dict[str, Any]] = []
-            processed = self._process_guarded(conn, stored, audits)
-            _append_audits(conn, audits)
-            return processed
 
     def _process_guarded(self, conn: psycopg.Connection[Any], stored: event_store.StoredEvent,
                          audits: list[dict[str, Any]]) -> Processed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,27 @@ def connect(url: str, *, as_app: bool = True) -> psycopg.Connection[Any]:
     return conn
 
 
+CHECK_IDLE_S = 2.0  # a connection idle longer than this is tested before use
+
+
+def _returned(conn: psycopg.Connection[Any]) -> None:
+    _last_returned[id(conn)] = time.monotonic()
+
+
+def _check_if_idle(conn: psycopg.Connection[Any]) -> None:
+    """Test a connection before use only when it sat idle (a database restart may have cut it): a busy
+    pool hands out connections used milliseconds ago without a round trip."""
+    if time.monotonic() - _last_returned.get(id(conn), 0.0) > CHECK_IDLE_S:
+        ConnectionPool.check_connection(conn)
+
+
+_last_returned: dict[int, float] = {}
+
+
 def open_pool(url: str, *, min_size: int = 1, max_size: int = 8, name: str = "cds") -> ConnectionPool:
     pool: ConnectionPool = ConnectionPool(
         url, min_size=min_size, max_size=max_size, configure=_configure, name=name, open=False,
-        kwargs={"connect_timeout": 10}, check=ConnectionPool.check_connection,
+        kwargs={"connect_timeout": 10}, check=_check_if_idle, reset=_returned,
         reconnect_timeout=60,
     )
     pool.open(wait=True, timeout=30)

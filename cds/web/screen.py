@@ -108,10 +108,10 @@ def screen() -> Any:
     if body is None:
         raise InputError("body must be JSON (Content-Type: application/json)")
     resource = to_communication(body, client.name, now)
-    result = svc.pipeline.ingest(resource, source=f"screen-api:{client.name}", actor=f"client:{client.name}")
+    result, processed = svc.pipeline.ingest_and_process(resource, source=f"screen-api:{client.name}",
+                                                        actor=f"client:{client.name}")
     if result.event_id is None:
         raise InputError(f"{result.reason} (kept in quarantine as #{result.quarantine_id})")
-    processed = svc.pipeline.process_event(result.event_id)
     assessment: Assessment | None
     if processed is not None and processed.assessment is not None:
         assessment, alert_ids = processed.assessment, list(processed.alert_ids)
