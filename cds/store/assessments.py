@@ -77,10 +77,13 @@ class PatientState:
 
 def lock_patient(conn: psycopg.Connection[Any], patient_ref: str, ward: str | None = None) -> PatientState:
     """Serialise work on one patient across workers (row lock), returning the current state."""
-    conn.execute("INSERT INTO patients (patient_ref, ward) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                 (patient_ref, ward))
-    row = conn.execute("SELECT current_tier, tier_since, conditions, prior_attempt, birth_date, history_checked_at"
-                       " FROM patients WHERE patient_ref = %s FOR UPDATE", (patient_ref,)).fetchone()
+    query = ("SELECT current_tier, tier_since, conditions, prior_attempt, birth_date, history_checked_at"
+             " FROM patients WHERE patient_ref = %s FOR UPDATE")
+    row = conn.execute(query, (patient_ref,)).fetchone()
+    if row is None:  # first time this patient is seen (a known patient costs one statement)
+        conn.execute("INSERT INTO patients (patient_ref, ward) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                     (patient_ref, ward))
+        row = conn.execute(query, (patient_ref,)).fetchone()
     assert row is not None
     return PatientState(patient_ref, RiskTier(row[0]), row[1],
                         tuple(row[2]) if row[2] is not None else None, row[3], row[4], row[5])
