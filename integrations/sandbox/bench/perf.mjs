@@ -1,0 +1,184 @@
+#!/usr/bin/env node
+// Load test of the sandbox EHR at hospital-day size: N Communications stored, then conditional creates,
+// _lastUpdated polls and write-back transaction Bundles, each timed over HTTP against a real server.
+//
+//   node integrations/sandbox/bench/perf.mjs [--n 100000] [--creates 1000] [--polls 100] [--writebacks 100]
+//                                            [--server path/to/server.mjs]
+//
+// Prints one JSON object. --server lets the same load run against another version of server.mjs (it must
+// sit next to node_modules, e.g. a copy inside integrations/sandbox/).
+
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+
+const { values: opts } = parseArgs({
+  options: {
+    server: { type: 'string', default: fileURLToPath(new URL('../server.mjs', import.meta.url)) },
+    n: { type: 'string', default: '100000' },
+    creates: { type: 'string', default: '1000' },
+    polls: { type: 'string', default: '100' },
+    writebacks: { type: 'string', default: '100' },
+    batch: { type: 'string', default: '1000' },
+  },
+});
+const N = Number(opts.n);
+const CREATES = Number(opts.creates);
+const POLLS = Number(opts.polls);
+const WRITEBACKS = Number(opts.writebacks);
+const BATCH = Number(opts.batch);
+
+const MSG = 'http://hospital.example.org/chat-message';
+const SESSION = 'http://hospital.example.org/chat-session';
+const CDS = 'https://psych-cds.example.org/fhir';
+
+function chat(i, prefix = 'M') {
+  return {
+    resourceType: 'Communication',
+    status: 'completed',
+    identifier: [
+      { system: SESSION, value: `S-${i % 2000}` },
+      { system: MSG, value: `${prefix}-${i}` },
+    ],
+    category: [{ text: 'counselling-chat' }],
+    subject: { reference: `Patient/p-${i % 2000}` },
+    sender: { reference: `Patient/p-${i % 2000}` },
+    sent: '2026-11-20T03:00:00Z',
+    payload: [{ contentString: `message ${i}: work was long today, I am tired but ok` }],
+  };
+}
+
+function writeback(i) {
+  const ident = (kind) => ({ system: `${CDS}/${kind}`, value: `wb-${i}` });
+  const entry = (fullUrl, resource) => ({
+    fullUrl,
+    resource,
+    request: {
+      method: 'POST',
+      url: resource.resourceType,
+      ifNoneExist: `identifier=${resource.identifier[0].system}|${resource.identifier[0].value}`,
+    },
+  });
+  const subject = { reference: `Patient/p-${i % 2000}` };
+  return {
+    resourceType: 'Bundle',
+    type: 'transaction',
+    entry: [
+      entry(`urn:uuid:00000000-0000-4000-8000-${String(i).padStart(12, '0')}`, {
+        resourceType: 'RiskAssessment',
+        identifier: [ident('assessment')],
+        status: 'final',
+        subject,
+        prediction: [{ outcome: { text: 'high' }, probabilityDecimal: 40 }],
+      }),
+      entry(`urn:uuid:00000000-0000-4000-9000-${String(i).padStart(12, '0')}`, {
+        resourceType: 'Flag',
+        identifier: [ident('alert')],
+        status: 'active',
+        code: { text: 'Suicide risk: high' },
+        subject,
+      }),
+      entry(`urn:uuid:00000000-0000-4000-a000-${String(i).padStart(12, '0')}`, {
+        resourceType: 'Communication',
+        identifier: [ident('alert-communication')],
+        status: 'completed',
+        subject,
+        payload: [{ contentString: 'High suicide risk: see psych-cds' }],
+      }),
+    ],
+  };
+}
+
+async function startServer() {
+  const child = spawn(process.execPath, [opts.server, '--port', '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  const base = await new Promise((resolve, reject) => {
+    child.stdout.on('data', (d) => {
+      out += d;
+      const m = /sandbox listening on (http:\/\/\S+)\/fhir/.exec(out);
+      if (m) resolve(m[1]);
+    });
+    child.on('exit', (code) => reject(new Error(`server exited ${code}`)));
+  });
+  return { child, fhir: `${base}/fhir`, root: base };
+}
+
+async function request(url, init = {}) {
+  const res = await fetch(url, init);
+  const body = await res.json();
+  if (!res.ok) throw new Error(`${init.method ?? 'GET'} ${url}: ${res.status} ${JSON.stringify(body).slice(0, 300)}`);
+  return body;
+}
+
+const post = (url, body, headers = {}) =>
+  request(url, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/fhir+json', ...headers },
+    body: JSON.stringify(body),
+  });
+
+async function timed(fn) {
+  const t0 = performance.now();
+  const extra = await fn();
+  return { s: Math.round(performance.now() - t0) / 1000, ...(extra ?? {}) };
+}
+
+const srv = await startServer();
+const results = { server: opts.server, communications: N };
+try {
+  let bound;
+  results.load = await timed(async () => {
+    for (let start = 0; start < N; start += BATCH) {
+      const entry = [];
+      for (let i = start; i < Math.min(N, start + BATCH); i++) {
+        entry.push({ resource: chat(i), request: { method: 'POST', url: 'Communication' } });
+      }
+      const out = await post(srv.fhir, { resourceType: 'Bundle', type: 'batch', entry });
+      const k = N - 500 - start;
+      if (k >= 0 && k < entry.length) bound = out.entry[k].response.lastModified;
+    }
+  });
+  bound ??= new Date(0).toISOString();
+
+  results.conditional_creates = await timed(async () => {
+    let created = 0;
+    for (let i = 0; i < CREATES; i++) {
+      // every 4th one repeats an earlier identifier: found, not created
+      const id = i % 4 === 3 ? i - 1 : i;
+      const res = await fetch(`${srv.fhir}/Communication`, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/fhir+json', 'If-None-Exist': `identifier=${MSG}|W-${id}` },
+        body: JSON.stringify(chat(id, 'W')),
+      });
+      await res.arrayBuffer();
+      if (res.status === 201) created++;
+      else if (res.status !== 200) throw new Error(`conditional create: ${res.status}`);
+    }
+    return { n: CREATES, created };
+  });
+  results.conditional_creates.per_s = Math.round(CREATES / results.conditional_creates.s);
+
+  results.polls = await timed(async () => {
+    let entries = 0;
+    for (let i = 0; i < POLLS; i++) {
+      const q = new URLSearchParams({ _lastUpdated: `ge${bound}`, _sort: '_lastUpdated', _count: '500' });
+      const page = await request(`${srv.fhir}/Communication?${q}`);
+      entries += page.entry?.length ?? 0;
+      if (i === 0) results.poll_total = page.total;
+    }
+    return { n: POLLS, entries_per_poll: entries / POLLS };
+  });
+  results.polls.per_s = Math.round(POLLS / results.polls.s);
+
+  results.writeback_transactions = await timed(async () => {
+    for (let i = 0; i < WRITEBACKS; i++) await post(srv.fhir, writeback(i));
+    return { n: WRITEBACKS, entries_each: 3 };
+  });
+  results.writeback_transactions.per_s = Math.round(WRITEBACKS / results.writeback_transactions.s);
+  results.rss_mib = (await request(`${srv.root}/healthz`)).rss_mib;
+} finally {
+  srv.child.kill('SIGTERM');
+  await once(srv.child, 'exit');
+}
+console.log(JSON.stringify(results, null, 2));
