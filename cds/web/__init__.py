@@ -10,6 +10,7 @@ from flask import Flask
 
 from cds.service import Service
 from cds.settings import Settings
+from cds.web.json_bodies import StorableJSONProvider
 
 
 def _secret_key(settings: Settings) -> bytes:
@@ -25,6 +26,7 @@ def _secret_key(settings: Settings) -> bytes:
 
 def create_app(service: Service | None = None, test_config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
+    app.json = StorableJSONProvider(app)  # request bodies: JSON whose strings PostgreSQL and the audit can keep
     if service is None:
         service = Service.start(Settings.from_env())
     settings = service.settings
