@@ -127,6 +127,11 @@ def _audit(*, caller: Caller | None, service_id: str | None, patient_ref: str | 
         own.commit()
 
 
+def _audited_id(service_id: str) -> str:
+    """A service id from the URL as audited: an unknown one (any text, NUL included) only as its repr."""
+    return service_id if service_id in SERVICES else repr(service_id[:80])
+
+
 def _json_object() -> dict[str, Any]:
     body = request.get_json(silent=True, force=True)
     if not isinstance(body, dict):
@@ -232,7 +237,7 @@ def call_hook(service_id: str) -> Any:
         log.info("cds hook answered", extra={"service": hook.id, "cards": len(cards), "patient_source": how})
         return jsonify({"cards": cards})
     except CdsError as exc:
-        _audit(caller=caller, service_id=service_id[:80], patient_ref=patient_ref, status=exc.http_status,
+        _audit(caller=caller, service_id=_audited_id(service_id), patient_ref=patient_ref, status=exc.http_status,
                detail={"error": exc.__class__.__name__, "reason": str(exc)[:300],
                        "hook_instance": (hook_instance or "")[:200]})
         raise
@@ -267,8 +272,13 @@ def _parse_feedback(item: Any, service_id: str, conn: Any) -> _Feedback:
     timestamp = parse_instant(item.get("outcomeTimestamp"))
     if timestamp is None:
         raise InputError("feedback.outcomeTimestamp must be an instant (ISO 8601)")
+    suggestions = item.get("acceptedSuggestions")
+    if suggestions is None:
+        suggestions = []
+    elif not isinstance(suggestions, list):
+        raise InputError("acceptedSuggestions must be a list of {\"id\": <suggestion uuid>}")
     accepted: list[uuid.UUID] = []
-    for suggestion in item.get("acceptedSuggestions") or []:
+    for suggestion in suggestions:
         try:
             accepted.append(uuid.UUID(str(suggestion.get("id") if isinstance(suggestion, Mapping) else "")))
         except ValueError as exc:
@@ -278,12 +288,20 @@ def _parse_feedback(item: Any, service_id: str, conn: Any) -> _Feedback:
     reason: dict[str, Any] | None = None
     comment: str | None = None
     override = item.get("overrideReason")
-    if outcome == "overridden" and isinstance(override, Mapping):
-        coding = override.get("reason")
-        if isinstance(coding, Mapping):
+    if override is not None and not isinstance(override, Mapping):
+        raise InputError("overrideReason must be an object {reason: Coding, userComment: string}")
+    coding = (override or {}).get("reason")
+    if coding is not None and not (isinstance(coding, Mapping) and all(
+            isinstance(coding.get(k), str) for k in ("system", "code", "display") if coding.get(k) is not None)):
+        raise InputError("overrideReason.reason must be a Coding (system, code, display: strings)")
+    user_comment = (override or {}).get("userComment")
+    if user_comment is not None and not isinstance(user_comment, str):
+        raise InputError("overrideReason.userComment must be a string")
+    if outcome == "overridden":
+        if coding:
             reason = {"reason": {k: str(coding[k])[:200] for k in ("system", "code", "display") if coding.get(k)}}
-        if override.get("userComment"):
-            comment = str(override["userComment"])[:2000]
+        if user_comment:
+            comment = user_comment[:2000]
     return _Feedback(card, str(outcome), accepted, reason, comment, timestamp)
 
 
@@ -320,7 +338,7 @@ def feedback(service_id: str) -> Any:
             conn.commit()
         return jsonify({}), 200
     except CdsError as exc:
-        _audit(caller=caller, service_id=service_id[:80], patient_ref=patient_refs[0] if patient_refs else None,
+        _audit(caller=caller, service_id=_audited_id(service_id), patient_ref=patient_refs[0] if patient_refs else None,
                status=exc.http_status, detail={"call": "feedback", "error": exc.__class__.__name__,
                                                 "reason": str(exc)[:300]})
         raise

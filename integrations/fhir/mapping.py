@@ -60,8 +60,9 @@ def reference_id(reference: str | None, resource_type: str) -> str | None:
     return None
 
 
-def parse_instant(value: str | None) -> datetime | None:
-    if not value:
+def parse_instant(value: Any) -> datetime | None:
+    """An ISO 8601 instant (naive = UTC); None for anything else, whatever its JSON type."""
+    if not isinstance(value, str) or not value:
         return None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
