@@ -7,7 +7,8 @@
 // status/ETag/Location headers, paging links, loud errors for search features the engine would
 // otherwise silently answer with "no match". Admin endpoints outside /fhir let tests reset the data,
 // count requests and simulate outages. repository.mjs holds the repository (transaction journal,
-// identifier and _lastUpdated indexes).
+// identifier and _lastUpdated indexes); subscriptions.mjs delivers FHIR Subscriptions (rest-hook,
+// Subscriptions Backport IG) after each committed write.
 //
 // Usage: node server.mjs [--port 8090] [--host 127.0.0.1] [--seed path.json]
 
@@ -25,6 +26,7 @@ import {
 } from '@medplum/core';
 import { FhirRouter } from '@medplum/fhir-router';
 import { SUPPORTED_OPERATORS, SandboxRepository } from './repository.mjs';
+import { BACKPORT, SubscriptionManager, TOPICS, TOPIC_BASE } from './subscriptions.mjs';
 
 // ---------------------------------------------------------------------------------------------------
 // Options
@@ -47,20 +49,24 @@ const MAX_BODY_BYTES = 20 * 1024 * 1024;
 const REQUEST_LOG_SIZE = 500;
 
 // ---------------------------------------------------------------------------------------------------
-// Repository (validation, atomic transactions, indexes): repository.mjs
+// Repository (validation, atomic transactions, indexes: repository.mjs) and Subscriptions
+// (subscriptions.mjs), which hang off the repository's commit hook.
 
 const repo = new SandboxRepository();
 const router = new FhirRouter();
 const ROUTER_CONFIG = { transactions: true };
 
 // One FHIR request at a time. The engine is synchronous CPU work behind promises anyway; serialising
-// makes conditional create and the transaction journal race-free at no real cost.
+// makes conditional create and the transaction journal race-free at no real cost. Subscription
+// deliveries run outside this queue; only their status updates of the Subscription resource join it.
 let queueTail = Promise.resolve();
 function serial(fn) {
   const run = queueTail.then(fn, fn);
   queueTail = run.catch(() => {});
   return run;
 }
+
+const subscriptions = new SubscriptionManager({ repo, serial });
 
 // ---------------------------------------------------------------------------------------------------
 // Admin state: fault injection and the request log (method, path, status only: no bodies or query
@@ -258,6 +264,20 @@ function capability(base) {
             searchParam: Object.values(getSearchParameters(type) ?? {})
               .filter((p) => SUPPORTED_OPERATORS[p.type])
               .map((p) => ({ name: p.code, type: p.type })),
+            ...(type === 'Subscription'
+              ? {
+                  extension: Object.keys(TOPICS).map((name) => ({
+                    url: `${BACKPORT}/capabilitystatement-subscriptiontopic-canonical`,
+                    valueCanonical: `${TOPIC_BASE}/${name}`,
+                  })),
+                  operation: [
+                    {
+                      name: '$status',
+                      definition: 'http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status',
+                    },
+                  ],
+                }
+              : {}),
           })),
       },
     ],
@@ -285,6 +305,12 @@ async function handleFhir(req, res, url) {
   if (segments.length === 1 && segments[0] === 'metadata' && method === 'GET') {
     return send(res, 200, capability(base));
   }
+  // Subscriptions Backport IG: GET Subscription/id/$status
+  if (method === 'GET' && segments.length === 3 && segments[0] === 'Subscription' && segments[2] === '$status') {
+    const bundle = subscriptions.statusBundle(segments[1], base);
+    if (!bundle) return send(res, 404, outcomeError('not-found', `No Subscription/${segments[1]} is managed here`));
+    return send(res, 200, bundle);
+  }
   if (segments.length > 0 && !isResourceType(segments[0])) {
     return send(res, 404, outcomeError('not-supported', `Unknown resource type or endpoint: ${segments[0]}`));
   }
@@ -309,7 +335,10 @@ async function handleFhir(req, res, url) {
     headers: req.headers,
     config: ROUTER_CONFIG,
   };
-  const [outcome, resource] = await serial(() => router.handleRequest(fhirRequest, repo));
+  const [outcome, resource] = await serial(() => {
+    subscriptions.requestBase = base; // notifications name resources the way this client addresses us
+    return router.handleRequest(fhirRequest, repo);
+  });
   const status = getStatus(outcome);
   res.logExtra = bundleSummary(resourceBody);
 
@@ -356,7 +385,10 @@ async function handleAdmin(req, res, url) {
 
     case 'POST /admin/reset': {
       const options = parseJsonBody(await readBody(req)) ?? {};
-      await serial(() => repo.clear());
+      await serial(() => {
+        repo.clear();
+        subscriptions.reset(); // subscriptions, queued events and deliveries under way
+      });
       fault = null;
       requestLog.length = 0; // seq keeps counting so a "since" taken before the reset stays valid
       let seeded;
@@ -376,6 +408,9 @@ async function handleAdmin(req, res, url) {
     case 'DELETE /admin/fault':
       fault = null;
       return sendJson(res, 200, faultState());
+
+    case 'GET /admin/subscriptions':
+      return sendJson(res, 200, { subscriptions: subscriptions.state(), search: repo.stats });
 
     case 'GET /admin/requests': {
       const since = Number.parseInt(url.searchParams.get('since') ?? '0', 10) || 0;
@@ -473,6 +508,7 @@ server.on('error', (err) => {
 
 server.listen(PORT, HOST, async () => {
   const { port } = server.address();
+  subscriptions.defaultBase = `http://${HOST === '0.0.0.0' || HOST === '::' ? '127.0.0.1' : HOST}:${port}/fhir`;
   if (opts.seed) {
     try {
       const n = await loadSeed(opts.seed);
