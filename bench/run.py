@@ -55,7 +55,7 @@ def percentile(values: list[float], p: float) -> float:
 class Stack:
     """Embedded PostgreSQL + local EHR + N `cds worker` processes, all started here and stopped after."""
 
-    def __init__(self, workers: int = 1, poll_page_size: int = 100) -> None:
+    def __init__(self, workers: int = 1, poll_page_size: int = 100, poll_interval_s: float = 0.5) -> None:
         from cds.demo import start_sandbox, wait_for
         from cds.store.db import migrate, start_embedded
 
@@ -67,7 +67,7 @@ class Stack:
         self.sandbox = start_sandbox(port, log_path=self.tmp / "sandbox.log")
         wait_for(f"{self.ehr_root}/healthz", 30, "the local EHR", self.sandbox)
         self.env = {**os.environ, "CDS_DATABASE_URL": self.db_url, "CDS_FHIR_BASE_URL": f"{self.ehr_root}/fhir",
-                    "CDS_DATA_DIR": str(self.tmp), "CDS_DEMO": "true", "CDS_POLL_INTERVAL_S": "0.5",
+                    "CDS_DATA_DIR": str(self.tmp), "CDS_DEMO": "true", "CDS_POLL_INTERVAL_S": str(poll_interval_s),
                     "CDS_OUTBOX_INTERVAL_S": "0.25", "CDS_POLL_OVERLAP_S": "5", "CDS_LOG_FORMAT": "json",
                     "CDS_POLL_PAGE_SIZE": str(poll_page_size), "CDS_PUBLIC_BASE_URL": "http://127.0.0.1:18080"}
         self.workers = [subprocess.Popen([sys.executable, "-m", "cds.cli", "worker"], env=self.env,
@@ -99,13 +99,13 @@ class Stack:
         stop_embedded(self.tmp / "pg")
 
 
-def wait_for_result(check: Callable[[], Any], timeout_s: float = 60) -> Any:
+def wait_for_result(check: Callable[[], Any], timeout_s: float = 60, every_s: float = 0.02) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         got = check()
         if got:
             return got
-        time.sleep(0.02)
+        time.sleep(every_s)
     raise TimeoutError("no result")
 
 
@@ -154,13 +154,62 @@ def _day_of_messages(patients: list[str], n: int, seed: int = 7) -> list[tuple[s
     return out
 
 
-def bench_ingest(n_patients: int = 300, n_messages: int = 6000, workers: int = 1) -> dict[str, Any]:
-    """A synthetic ward day pushed through the EHR and polled: throughput, creation -> write-back latency,
-    lost and duplicated alerts (checked in the EHR)."""
-    from tests.samples import chat, patient
+def _start_web(stack: Stack, port: int, extra_env: dict[str, str], processes: int = 1) -> subprocess.Popen[bytes]:
+    from cds.demo import wait_for
 
-    stack = Stack(workers=workers, poll_page_size=500)
+    env = {**stack.env, "CDS_PORT": str(port), **extra_env}
+    web = subprocess.Popen([sys.executable, "-m", "cds.cli", "serve", "--workers", str(processes)], env=env,
+                           stdout=open(stack.tmp / "web.log", "ab"), stderr=subprocess.STDOUT)
+    wait_for(f"http://127.0.0.1:{port}/healthz", 60, "the web service", web)
+    return web
+
+
+def _feed(stack: Stack, day: list[tuple[str, str, bool]], rate: float | None, tick_s: float = 0.1) -> float:
+    """Create the day's messages in the EHR: ``rate`` messages/s in small batch Bundles every ``tick_s``
+    (a chatbot gateway's steady stream), or all at once in Bundles of 100 when ``rate`` is None.
+    Returns the seconds it took."""
+    from tests.samples import chat
+
+    per_tick = len(day) if rate is None else max(1, round(rate * tick_s))
+    size = 100 if rate is None else per_tick
+    t0 = time.monotonic()
+    for n, i in enumerate(range(0, len(day), size)):
+        if rate is not None:  # absolute schedule: a slow tick is caught up, the offered rate holds
+            delay = t0 + n * tick_s - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        entries = [{"resource": chat(ref, text, session=f"S-{ref}"), "request": {"method": "POST",
+                                                                               "url": "Communication"}}
+                   for ref, text, _ in day[i:i + size]]
+        stack.http.post(f"{stack.ehr_root}/fhir", json={"resourceType": "Bundle", "type": "batch",
+                                                        "entry": entries}, timeout=60).raise_for_status()
+    return time.monotonic() - t0
+
+
+def bench_ingest(n_patients: int = 300, n_messages: int = 6000, workers: int = 1, *, rate: float | None = None,
+                 mode: str = "polled") -> dict[str, Any]:
+    """A synthetic ward day created in the EHR and read by psych-cds, polled or pushed to it by a FHIR
+    Subscription: throughput, creation -> write-back latency, lost and duplicated alerts (checked in the EHR).
+
+    ``rate`` None pushes the whole day at once (capacity: how fast the backlog drains); a number feeds
+    that many messages per second (sustained: the latency a steady stream sees)."""
+    from tests.samples import patient
+
+    poll_interval = 0.5 if mode == "polled" else 30.0  # with a Subscription, polling only reconciles
+    stack = Stack(workers=workers, poll_page_size=500, poll_interval_s=poll_interval)
+    web = None
     try:
+        if mode == "subscription":
+            from integrations.fhir.client import FhirClient
+            from integrations.fhir.subscriptions import ensure_subscription
+
+            secret = os.urandom(16).hex()
+            port = 18300 + int.from_bytes(os.urandom(1), "big")
+            web = _start_web(stack, port, {"CDS_NOTIFY_SECRET": secret})
+            sub = ensure_subscription(FhirClient(f"{stack.ehr_root}/fhir"), f"http://127.0.0.1:{port}/fhir/notify",
+                                      secret, SUBSCRIPTION_TOPIC, payload="full-resource", heartbeat_s=60,
+                                      filters=("Communication?status=completed",))
+            wait_for_result(lambda: stack.search("Subscription", _id=sub["id"], status="active"), timeout_s=30)
         time.sleep(3)
         bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
             {"resource": patient(mrn=f"MRN-D-{i}"), "request": {"method": "POST", "url": "Patient"}}
@@ -169,14 +218,7 @@ def bench_ingest(n_patients: int = 300, n_messages: int = 6000, workers: int = 1
         refs = [e["response"]["location"].split("/_history")[0] for e in created["entry"]]
         day = _day_of_messages(refs, n_messages)
         expected = {ref for ref, _, alerting in day if alerting}
-        t0 = time.monotonic()
-        for i in range(0, len(day), 100):
-            entries = [{"resource": chat(ref, text, session=f"S-{ref}"), "request": {"method": "POST",
-                                                                                     "url": "Communication"}}
-                       for ref, text, _ in day[i:i + 100]]
-            stack.http.post(f"{stack.ehr_root}/fhir", json={"resourceType": "Bundle", "type": "batch",
-                                                            "entry": entries}, timeout=60).raise_for_status()
-        posted_s = time.monotonic() - t0
+        posted_s = _feed(stack, day, rate)
 
         import psycopg
 
@@ -187,14 +229,17 @@ def bench_ingest(n_patients: int = 300, n_messages: int = 6000, workers: int = 1
                                        " AND kind <> 'audit-export'").fetchone()[0]
             return bool(done >= n_messages and pending == 0)
 
-        wait_for_result(settled, timeout_s=1800)
+        # checked every second: counting a growing table 50 times a second would load the 2 cores measured
+        wait_for_result(settled, timeout_s=3600, every_s=1.0)
         with psycopg.connect(stack.db_url) as conn:
-            first, last = conn.execute("SELECT min(e.source_updated), max(o.sent_at) FROM events e, outbox o"
-                                       " WHERE o.status = 'sent'").fetchone()
-            lat = [r[0] for r in conn.execute(
+            lat = [float(r[0]) for r in conn.execute(
                 "SELECT extract(epoch FROM o.sent_at - e.source_updated) * 1000 FROM assessments a"
                 " JOIN events e ON e.id = a.event_id JOIN outbox o ON o.dedupe_key = 'assessment:' || a.id"
                 " WHERE o.status = 'sent' AND NOT a.shadow AND a.event_id IS NOT NULL")]
+            assessed_lat = [float(r[0]) for r in conn.execute(
+                "SELECT extract(epoch FROM processed_at - source_updated) * 1000 FROM events"
+                " WHERE status = 'done'")]
+            first, last = conn.execute("SELECT min(source_updated), max(processed_at) FROM events").fetchone()
             a_first, a_last = conn.execute("SELECT min(received_at), max(processed_at) FROM events").fetchone()
             sent_n, s_first, s_last = conn.execute(
                 "SELECT count(*), min(sent_at), max(sent_at) FROM outbox WHERE status = 'sent'"
@@ -212,23 +257,36 @@ def bench_ingest(n_patients: int = 300, n_messages: int = 6000, workers: int = 1
             key = f["identifier"][0]["value"]
             per_alert[key] = per_alert.get(key, 0) + 1
         span = (last - first).total_seconds() if first and last else float("nan")
-        return {"patients": n_patients, "messages": n_messages, "workers": workers, "mode": "polled",
-                "poll_interval_s": 0.5, "post_s": round(posted_s, 1),
+        return {"patients": n_patients, "messages": n_messages, "workers": workers, "mode": mode,
+                "offered_per_s": rate if rate is not None else "all at once",
+                "poll_interval_s": poll_interval, "post_s": round(posted_s, 1),
+                # first message created in the EHR -> last one assessed
                 "messages_per_s": round(n_messages / span, 1) if span else None,
-                # the pipeline alone (stored -> assessed) and the EHR's write-back rate, separately
                 "assessed_per_s": round(n_messages / (a_last - a_first).total_seconds(), 1),
                 "ehr_writebacks_per_s": round(sent_n / max((s_last - s_first).total_seconds(), 1e-3), 1)
                 if s_first else None,
-                "p50_ms": round(percentile([float(x) for x in lat], 50), 1) if lat else None,
-                "p99_ms": round(percentile([float(x) for x in lat], 99), 1) if lat else None,
+                "p50_ms": round(percentile(lat, 50), 1) if lat else None,
+                "p99_ms": round(percentile(lat, 99), 1) if lat else None,
+                "max_ms": round(max(lat), 1) if lat else None,
+                "assessed_p50_ms": round(percentile(assessed_lat, 50), 1) if assessed_lat else None,
+                "assessed_p99_ms": round(percentile(assessed_lat, 99), 1) if assessed_lat else None,
                 "writebacks": len(lat), "expected_alert_patients": len(expected),
                 "lost": len(expected - alerted), "duplicated": sum(n - 1 for n in per_alert.values() if n > 1),
                 "failed_events": failed}
     finally:
+        if web is not None:
+            web.terminate()
+            web.wait(timeout=15)
         stack.close()
 
 
+# The sandbox's topic for "a Communication or QuestionnaireResponse was created or updated" (see
+# integrations/sandbox/README.md); a hospital's EHR names its own.
+SUBSCRIPTION_TOPIC = "http://psych-cds.example.org/fhir/SubscriptionTopic/patient-input"
+
+
 def bench_scale() -> dict[str, Any]:
+    """Pipeline capacity with 1, 2 and 4 worker processes: a backlog pushed at once, drained by N workers."""
     n = int(os.environ.get("BENCH_SCALE_MESSAGES", "3000"))
     rows = []
     for workers in (1, 2, 4):
@@ -288,16 +346,12 @@ def bench_screen_api(clients: int = 4, per_client: int = 250) -> dict[str, Any]:
 
     import psycopg
 
-    from cds.demo import wait_for
     from cds.store.clients import add_client
 
     stack = Stack(workers=0)
     port = 18080
-    env = {**stack.env, "CDS_PORT": str(port), "CDS_SCREEN_RATE_PER_MIN": "100000"}
-    web = subprocess.Popen([sys.executable, "-m", "cds.cli", "serve", "--workers", "2"], env=env,
-                           stdout=open(stack.tmp / "web.log", "ab"), stderr=subprocess.STDOUT)
+    web = _start_web(stack, port, {"CDS_SCREEN_RATE_PER_MIN": "100000"}, processes=2)
     try:
-        wait_for(f"http://127.0.0.1:{port}/healthz", 60, "the web service", web)
         with psycopg.connect(stack.db_url) as conn:
             conn.execute("SET ROLE cds_app")
             key = add_client(conn, "bench-bot", "bench")
@@ -349,8 +403,16 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "audit": bench_audit,
     "screen_api": bench_screen_api,
     "screen_api_single_client": lambda: bench_screen_api(clients=1, per_client=300),
-    "ingest_to_alert": lambda: bench_ingest(int(os.environ.get("BENCH_PATIENTS", "300")),
-                                            int(os.environ.get("BENCH_MESSAGES", "6000"))),
+    # a steady stream at the target rate, pushed by a Subscription (the deployment the target names)
+    "ingest_to_alert": lambda: bench_ingest(
+        int(os.environ.get("BENCH_PATIENTS", "2000")),
+        int(float(os.environ.get("BENCH_RATE", "200")) * float(os.environ.get("BENCH_DURATION_S", "120"))),
+        rate=float(os.environ.get("BENCH_RATE", "200")), mode="subscription"),
+    "ingest_polled": lambda: bench_ingest(
+        int(os.environ.get("BENCH_PATIENTS", "2000")),
+        int(float(os.environ.get("BENCH_RATE", "200")) * float(os.environ.get("BENCH_DURATION_S", "120"))),
+        rate=float(os.environ.get("BENCH_RATE", "200")), mode="polled"),
+    "ingest_backlog": lambda: bench_ingest(300, int(os.environ.get("BENCH_BACKLOG_MESSAGES", "6000"))),
     "scale": bench_scale,
 }
 
