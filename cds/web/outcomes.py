@@ -45,11 +45,15 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:
         status = exc.code or 500
+        # Werkzeug's own headers (Allow on a 405, which RFC 9110 requires), not its HTML content type.
+        headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
         if _wants_html():
             from flask import render_template
 
-            return render_template("error.html", status=status, message=exc.description), status
-        return outcome_response(status, _HTTP_ISSUE.get(status, "exception"), exc.description or exc.name)
+            return render_template("error.html", status=status, message=exc.description), status, headers
+        response = outcome_response(status, _HTTP_ISSUE.get(status, "exception"), exc.description or exc.name)
+        response.headers.extend(headers)
+        return response
 
     @app.errorhandler(RecursionError)
     def _too_deep(exc: RecursionError) -> Any:
