@@ -47,6 +47,8 @@ ACTIONS = frozenset("CRUDE")
 OUTCOMES = frozenset((0, 4, 8, 12))  # FHIR AuditEvent.outcome: success, minor, serious, major failure
 SIGNING_KEY_ENV = "CDS_AUDIT_SIGNING_KEY_FILE"
 _EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)*$")
+# NUL in canonical JSON: "\u0000" after an even number of backslashes ("\\u0000" is a backslash, then text).
+_ESCAPED_NUL_RE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 #: Keys that would carry patient text; record() refuses them anywhere in entity/detail.
 PHI_KEYS = frozenset({"text", "message_text", "payload", "content", "transcript", "resource", "given",
                       "family", "birthdate", "telecom", "address", "answer", "note"})
@@ -308,7 +310,7 @@ def _prepare(*, event_type: str, action: str, actor: str, role: str | None = Non
         text = canonical_bytes({"e": entity_n, "d": detail_n, "s": [event_type, actor, role, patient_ref, purpose]})
     except UnicodeEncodeError as exc:
         raise ValueError("audit values must be valid Unicode text") from exc
-    if b"\\u0000" in text:
+    if _ESCAPED_NUL_RE.search(text):
         raise ValueError("audit values must not contain NUL characters")
     return _Prepared(event_type, action, outcome, actor, role, patient_ref, purpose, entity_n, detail_n)
 

@@ -192,6 +192,17 @@ def test_json_strings_no_store_can_keep_are_refused_in_every_body(client: Any, a
         assert_refused(post(client, path, body, api_key), says="JSON strings must")
 
 
+def test_text_that_only_spells_a_nul_escape_is_served(client: Any, api_key: str) -> None:
+    """A backslash and "u0000" is text: the audit took it for a NUL and the answer was 500."""
+    r = post(client, "/api/v1/screen", {"patient": "Patient/C:\\u0000", "conversation": "c", "message": "hi"},
+             api_key)
+    assert r.status_code == 200, r.data
+    r = post(client, "/cds-services/psych-risk-patient-view", {"hook": "patient-view", "hookInstance": "C:\\u0000",
+                                                               "context": {"patientId": "p"},
+                                                               "prefetch": {"patient": None}})
+    assert r.status_code == 200 and r.get_json() == {"cards": []}, r.data
+
+
 def test_a_method_an_operation_lacks_is_405_naming_those_it_has(client: Any) -> None:
     for method, path, allowed in (("DELETE", "/api/v1/screen", "POST"), ("TRACE", "/healthz", "GET"),
                                   ("PUT", "/cds-services/psych-risk-patient-view", "POST")):

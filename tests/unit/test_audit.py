@@ -104,8 +104,20 @@ def test_record_validates_and_refuses_patient_text(db_conn: psycopg.Connection[A
         audit.record(db_conn, event_type="assessment", action="C", actor="x", detail={"k": "\ud800"})
     with pytest.raises(ValueError, match="NUL"):
         audit.record(db_conn, event_type="assessment", action="C", actor="x\x00")
+    with pytest.raises(ValueError, match="NUL"):
+        audit.record(db_conn, event_type="assessment", action="C", actor="x", detail={"k": "\\\x00"})
     with pytest.raises(ValueError, match="float"):
         audit.record(db_conn, event_type="assessment", action="C", actor="x", detail={"p": float("nan")})
+
+
+def test_text_that_only_spells_a_nul_escape_is_recorded(db_conn: psycopg.Connection[Any]) -> None:
+    """A backslash followed by "u0000" is text (a Windows path, a JSON snippet), not a NUL: found when a
+    screening request for Patient/C:\\u0000 was answered 500."""
+    for value in ("C:\\u0000", "\\\\u0000", "u0000"):
+        audit.record(db_conn, event_type="assessment", action="C", actor="x", patient_ref=f"Patient/{value}",
+                     detail={"k": value})
+    db_conn.commit()
+    assert audit.verify(db_conn).ok
 
 
 def test_app_role_cannot_update_delete_or_truncate(chain: str) -> None:
