@@ -3,13 +3,18 @@
 // _lastUpdated polls and write-back transaction Bundles, each timed over HTTP against a real server.
 //
 //   node integrations/sandbox/bench/perf.mjs [--n 100000] [--creates 1000] [--polls 100] [--writebacks 100]
-//                                            [--server path/to/server.mjs]
+//                                            [--notify-rate 200 --notify-seconds 20] [--server path/to/server.mjs]
+//
+// With --notify-rate, a full-resource Subscription delivers to a receiver in this process while chat
+// messages arrive at that rate (batch Bundles every 100 ms, as a chatbot gateway sends them): notification
+// latency (commit -> received) and the batch POST latency are reported.
 //
 // Prints one JSON object. --server lets the same load run against another version of server.mjs (it must
 // sit next to node_modules, e.g. a copy inside integrations/sandbox/).
 
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
+import http from 'node:http';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 
@@ -21,6 +26,8 @@ const { values: opts } = parseArgs({
     polls: { type: 'string', default: '100' },
     writebacks: { type: 'string', default: '100' },
     batch: { type: 'string', default: '1000' },
+    'notify-rate': { type: 'string', default: '0' },
+    'notify-seconds': { type: 'string', default: '20' },
   },
 });
 const N = Number(opts.n);
@@ -118,6 +125,83 @@ const post = (url, body, headers = {}) =>
     body: JSON.stringify(body),
   });
 
+const pct = (values, p) => {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.min(sorted.length - 1, Math.round((p / 100) * (sorted.length - 1)))];
+};
+
+// Subscription delivery under a steady stream: receiver here, latency from meta.lastUpdated to arrival.
+async function notifyLoad(rate, seconds) {
+  const BACKPORT = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition';
+  const seen = new Map(); // event number -> count
+  const latencies = [];
+  let notifications = 0;
+  const receiver = http.createServer(async (req, res) => {
+    const chunks = [];
+    for await (const c of req) chunks.push(c);
+    const arrived = Date.now();
+    const bundle = JSON.parse(Buffer.concat(chunks).toString());
+    notifications++;
+    for (const p of bundle.entry[0].resource.parameter.filter((x) => x.name === 'notification-event')) {
+      const n = p.part.find((x) => x.name === 'event-number').valueString;
+      seen.set(n, (seen.get(n) ?? 0) + 1);
+      latencies.push(arrived - Date.parse(p.part.find((x) => x.name === 'timestamp').valueInstant));
+    }
+    res.writeHead(200).end();
+  });
+  receiver.listen(0, '127.0.0.1');
+  await once(receiver, 'listening');
+  const sub = await post(`${srv.fhir}/Subscription`, {
+    resourceType: 'Subscription',
+    status: 'requested',
+    reason: 'perf',
+    criteria: 'http://psych-cds.example.org/fhir/SubscriptionTopic/patient-input',
+    _criteria: { extension: [{ url: `${BACKPORT}/backport-filter-criteria`, valueString: 'Communication?status=completed' }] },
+    channel: {
+      type: 'rest-hook',
+      endpoint: `http://127.0.0.1:${receiver.address().port}/notify`,
+      payload: 'application/fhir+json',
+      header: ['Authorization: Bearer perf'],
+      _payload: { extension: [{ url: `${BACKPORT}/backport-payload-content`, valueCode: 'full-resource' }] },
+    },
+  });
+  for (let i = 0; i < 200; i++) {
+    if ((await request(`${srv.fhir}/Subscription/${sub.id}`)).status === 'active') break;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const perTick = Math.max(1, Math.round(rate / 10));
+  const ticks = Math.round(seconds * 10);
+  const postMs = [];
+  const t0 = performance.now();
+  for (let t = 0; t < ticks; t++) {
+    const delay = t0 + t * 100 - performance.now();
+    if (delay > 0) await new Promise((r) => setTimeout(r, delay));
+    const entry = [];
+    for (let i = 0; i < perTick; i++) {
+      entry.push({ resource: chat(t * perTick + i, 'N'), request: { method: 'POST', url: 'Communication' } });
+    }
+    const s0 = performance.now();
+    await post(srv.fhir, { resourceType: 'Bundle', type: 'batch', entry });
+    postMs.push(performance.now() - s0);
+  }
+  const total = ticks * perTick;
+  for (let i = 0; i < 500 && latencies.length < total; i++) await new Promise((r) => setTimeout(r, 20));
+  receiver.close();
+  return {
+    offered_per_s: rate,
+    seconds,
+    events: total,
+    received: latencies.length,
+    duplicated: [...seen.values()].filter((n) => n > 1).length,
+    notifications,
+    events_per_notification: Math.round((latencies.length / notifications) * 10) / 10,
+    latency_p50_ms: pct(latencies, 50),
+    latency_p99_ms: pct(latencies, 99),
+    batch_post_p50_ms: Math.round(pct(postMs, 50)),
+    batch_post_p99_ms: Math.round(pct(postMs, 99)),
+  };
+}
+
 async function timed(fn) {
   const t0 = performance.now();
   const extra = await fn();
@@ -176,7 +260,7 @@ try {
     return { n: WRITEBACKS, entries_each: 3 };
   });
   results.writeback_transactions.per_s = Math.round(WRITEBACKS / results.writeback_transactions.s);
-  results.rss_mib = (await request(`${srv.root}/healthz`)).rss_mib;
+  if (Number(opts['notify-rate']) > 0) results.notify = await notifyLoad(Number(opts['notify-rate']), Number(opts['notify-seconds']));
 } finally {
   srv.child.kill('SIGTERM');
   await once(srv.child, 'exit');
