@@ -183,11 +183,20 @@ def _focus_parts(focus: str) -> tuple[str, str, str | None] | None:
     return parts[-2], parts[-1], version or None
 
 
-def _bundled(notification: Notification, rtype: str, rid: str) -> Mapping[str, Any] | None:
+def _bundled(notification: Notification, rtype: str, rid: str, version: str | None) -> Mapping[str, Any] | None:
+    """The Bundle's copy of the focus; when the focus names a version, only that version (a resource
+    created and updated within one notification is in the Bundle twice)."""
     for full_url, resource in notification.resources:
-        if resource.get("resourceType") == rtype and str(resource.get("id")) == rid:
+        if resource.get("resourceType") != rtype:
+            continue
+        meta = resource.get("meta")
+        vid = meta.get("versionId") if isinstance(meta, Mapping) else None
+        if version is not None and vid is not None and str(vid) != version:
+            continue
+        if str(resource.get("id")) == rid:
             return resource
-        if full_url and _focus_parts(full_url) == (rtype, rid, None) and resource.get("resourceType") == rtype:
+        parts = _focus_parts(full_url) if full_url else None
+        if parts is not None and parts[:2] == (rtype, rid) and (version is None or parts[2] in (None, version)):
             return resource
     return None
 
@@ -202,7 +211,7 @@ def _resolve(notification: Notification, event: NotificationEvent, client: FhirC
     rtype, rid, version = parts
     if rtype not in ASSESSED_TYPES:
         return None
-    bundled = _bundled(notification, rtype, rid)
+    bundled = _bundled(notification, rtype, rid, version)
     meta = bundled.get("meta") if bundled is not None else None
     if bundled is not None and isinstance(meta, Mapping) and meta.get("versionId"):
         return bundled

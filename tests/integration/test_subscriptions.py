@@ -16,7 +16,7 @@ import pytest
 from cds.jobs import ingest_cycle, process_pending_events
 from integrations.fhir.client import FhirClient
 from integrations.fhir.subscriptions import ensure_subscription
-from tests.samples import patient, phq9
+from tests.samples import chat, patient, phq9
 
 pytestmark = pytest.mark.integration
 
@@ -116,6 +116,18 @@ def test_full_resource_notification_needs_no_read(ehr: Any, service: Any, client
     assert not any(qr["id"] in r["path"] for r in requests_made)
 
 
+def test_created_and_updated_in_one_notification_gives_each_version(ehr: Any, service: Any, client: Any) -> None:
+    """A Bundle may carry two versions of one resource: each event gets the version its focus names."""
+    pat = ehr.create(patient(mrn="MRN-N-V"))
+    v1 = ehr.create(chat(f"Patient/{pat['id']}", "first words", session="S-V"))
+    v2 = ehr.http.put(f"{ehr.base}/Communication/{v1['id']}", json={**v1, "payload": [{"contentString": "then"}]},
+                      timeout=10).json()
+    focus = [f"Communication/{v1['id']}/_history/{v['meta']['versionId']}" for v in (v1, v2)]
+    response = post(client, notification("event-notification", events=focus, resources=[v1, v2]))
+    assert response.status_code == 200
+    assert sorted(ehr_events(service)) == sorted(("Communication", v1["id"], v["meta"]["versionId"]) for v in (v1, v2))
+
+
 def test_the_same_notification_nineteen_times_is_one_event(ehr: Any, service: Any, client: Any) -> None:
     pat = ehr.create(patient(mrn="MRN-N-3"))
     ref = f"Patient/{pat['id']}"
@@ -185,9 +197,31 @@ def test_ehr_outage_during_id_only_read_is_recorded_on_the_feed(ehr: Any, servic
     assert feed_row(service, "subscription:sub-1")[2] == 1
 
 
-def test_ensure_subscription_registers_once(ehr: Any) -> None:
+@pytest.fixture
+def receiver() -> Any:
+    """A real rest-hook endpoint that accepts every handshake, so the EHR's Subscription goes active
+    (an endpoint that never answers ends in status error, which ensure_subscription rightly does not reuse)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Accept(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Accept)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/fhir/notify"
+    server.shutdown()
+
+
+def test_ensure_subscription_registers_once(ehr: Any, receiver: str) -> None:
     client = FhirClient(ehr.base)
-    endpoint = "https://cds.hospital.test/fhir/notify"
+    endpoint = receiver
     first = ensure_subscription(client, endpoint, SECRET, TOPIC, payload="id-only", heartbeat_s=120)
     again = ensure_subscription(client, endpoint, SECRET, TOPIC)
     assert first["id"] == again["id"]
