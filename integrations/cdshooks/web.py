@@ -154,6 +154,13 @@ def discovery() -> Any:
 # -- hooks ---------------------------------------------------------------------------------------------
 
 
+def _under(url: str, base: str) -> bool:
+    """``url`` is ``base`` or below it, path segment by path segment: a registered
+    ``https://ehr.example.org`` does not admit ``https://ehr.example.org.evil.com``."""
+    base = base.rstrip("/")
+    return url == base or url.startswith(base + "/")
+
+
 def _patient_exists(body: Mapping[str, Any], patient_id: str, caller: Caller) -> tuple[bool, str]:
     """Whether the EHR knows the Patient, and how we found out (prefetch | fhir-read)."""
     prefetch = body.get("prefetch")
@@ -168,7 +175,7 @@ def _patient_exists(body: Mapping[str, Any], patient_id: str, caller: Caller) ->
     if not isinstance(server, str) or not server.startswith(("https://", "http://")):
         raise PrefetchUnavailable("the Patient was not prefetched and no fhirServer was given to read it from")
     allowed = service().settings.cds_hooks_issuers.get(caller.issuer, {}).get("fhir_servers")
-    if caller.authenticated and allowed and not any(server.startswith(str(prefix)) for prefix in allowed):
+    if caller.authenticated and allowed and not any(_under(server, str(prefix)) for prefix in allowed):
         raise PrefetchUnavailable("fhirServer is not one this CDS client is registered with")
     auth = body.get("fhirAuthorization")
     token = auth.get("access_token") if isinstance(auth, Mapping) else None
