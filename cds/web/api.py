@@ -65,13 +65,24 @@ def healthz() -> Any:
     return jsonify(body), 200 if body["status"] != "error" else 503
 
 
+def api_client() -> Any:
+    """The calling integration, by its API key (``cds clients add``): Bearer or X-API-Key; 401 otherwise."""
+    from cds.store import clients
+
+    header = request.headers.get("Authorization", "")
+    key = header[7:] if header.lower().startswith("bearer ") else request.headers.get("X-API-Key")
+    with service().pool.connection() as conn:
+        return clients.authenticate(conn, key)
+
+
 @bp.post("/api/v1/events")
 def post_event() -> Any:
     """Deliver one FHIR QuestionnaireResponse or Communication (push integrations, tests)."""
+    caller = api_client()
     resource = request.get_json(silent=True, force=True)
     if resource is None:
         raise InputError("body must be a FHIR resource in JSON")
-    result = service().pipeline.ingest(resource, source="api")
+    result = service().pipeline.ingest(resource, source="api", actor=f"client:{caller.name}")
     if result.quarantine_id is not None:
         raise InputError(f"{result.reason} (kept in quarantine as #{result.quarantine_id})")
     return jsonify({"event": result.event_id, "duplicate": result.duplicate}), 200 if result.duplicate else 202
@@ -79,6 +90,7 @@ def post_event() -> Any:
 
 @bp.get("/api/v1/quarantine")
 def quarantine() -> Any:
+    api_client()
     with service().pool.connection() as conn:
         rows = event_store.list_quarantine(conn)
     return jsonify([{**r, "received_at": r["received_at"].isoformat(),

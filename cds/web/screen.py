@@ -17,6 +17,7 @@ from cds.domain import FLAG_HARM_TO_OTHERS, FLAG_INDETERMINATE, Assessment, Risk
 from cds.errors import InputError
 from cds.store import clients
 from cds.web import service
+from cds.web.api import api_client
 
 bp = Blueprint("screen", __name__, url_prefix="/api/v1")
 
@@ -98,10 +99,8 @@ def screen() -> Any:
 
     svc = service()
     now = datetime.now(UTC)
-    header = request.headers.get("Authorization", "")
-    key = header[7:] if header.lower().startswith("bearer ") else request.headers.get("X-API-Key")
+    client = api_client()
     with svc.pool.connection() as conn:
-        client = clients.authenticate(conn, key)
         clients.charge(conn, client, now, svc.settings.screen_rate_per_min)
         conn.commit()
     body = request.get_json(silent=True)

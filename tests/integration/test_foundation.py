@@ -52,8 +52,9 @@ def test_same_resource_delivered_twice_gives_one_alert(ehr: Any, service: Any, c
     qr = ehr.create(phq9(ref, [0, 0, 0, 0, 0, 0, 0, 0, 3]))
     ingest_cycle(service)
     # The same version again: through the push API and through a full re-poll from the beginning.
-    first = client.post("/api/v1/events", json=qr)
-    second = client.post("/api/v1/events", json=qr)
+    headers = api_key_headers(service)
+    first = client.post("/api/v1/events", json=qr, headers=headers)
+    second = client.post("/api/v1/events", json=qr, headers=headers)
     assert first.status_code == 202 and second.status_code == 200 and second.get_json()["duplicate"]
     with service.pool.connection() as conn:
         conn.execute("UPDATE feeds SET watermark = NULL")
@@ -84,12 +85,15 @@ def test_invalid_resource_is_quarantined_and_the_next_valid_one_flows(ehr: Any, 
     assert len(quarantined) == 1 and "subject" in quarantined[0][1]
     assert assessed == 1
     # Bad input over HTTP: a clear OperationOutcome, and it is kept for review too.
+    headers = api_key_headers(service)
+    assert client.post("/api/v1/events", json=phq9(ref, [0] * 9)).status_code == 401  # no key, nothing stored
+    assert client.get("/api/v1/quarantine").status_code == 401
     bad = client.post("/api/v1/events", data=b'{"resourceType": "Communication", "status": 42}',
-                      content_type="application/fhir+json")
+                      content_type="application/fhir+json", headers=headers)
     assert bad.status_code == 400
     body = bad.get_json()
     assert body["resourceType"] == "OperationOutcome" and "quarantine" in body["issue"][0]["diagnostics"]
-    listed = client.get("/api/v1/quarantine").get_json()
+    listed = client.get("/api/v1/quarantine", headers=headers).get_json()
     assert len(listed) == 2
 
 
@@ -139,3 +143,12 @@ def test_bot_turns_are_stored_but_not_scored_as_the_patient(ehr: Any, service: A
         events = conn.execute("SELECT status FROM events").fetchall()
         assessed = conn.execute("SELECT count(*) FROM assessments").fetchone()[0]
     assert events == [("done",)] and assessed == 0
+
+
+def api_key_headers(service: Any) -> dict[str, str]:
+    from cds.store import clients
+
+    with service.pool.connection() as conn:
+        key = clients.add_client(conn, "integration-1", "test")
+        conn.commit()
+    return {"Authorization": f"Bearer {key}"}
