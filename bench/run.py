@@ -407,11 +407,13 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "ingest_to_alert": lambda: bench_ingest(
         int(os.environ.get("BENCH_PATIENTS", "2000")),
         int(float(os.environ.get("BENCH_RATE", "200")) * float(os.environ.get("BENCH_DURATION_S", "120"))),
-        rate=float(os.environ.get("BENCH_RATE", "200")), mode="subscription"),
+        workers=int(os.environ.get("BENCH_WORKERS", "2")), rate=float(os.environ.get("BENCH_RATE", "200")),
+        mode="subscription"),
     "ingest_polled": lambda: bench_ingest(
         int(os.environ.get("BENCH_PATIENTS", "2000")),
         int(float(os.environ.get("BENCH_RATE", "200")) * float(os.environ.get("BENCH_DURATION_S", "120"))),
-        rate=float(os.environ.get("BENCH_RATE", "200")), mode="polled"),
+        workers=int(os.environ.get("BENCH_WORKERS", "2")), rate=float(os.environ.get("BENCH_RATE", "200")),
+        mode="polled"),
     "ingest_backlog": lambda: bench_ingest(300, int(os.environ.get("BENCH_BACKLOG_MESSAGES", "6000"))),
     "scale": bench_scale,
 }

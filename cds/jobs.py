@@ -130,7 +130,10 @@ def build_scheduler(service: Service) -> BackgroundScheduler:
     scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
     scheduler.add_job(_safely(poll_and_assess, service), "interval", seconds=s.poll_interval_s, id="poll_and_assess")
     scheduler.add_job(_safely(process_pending_events, service), "interval", seconds=0.5, id="process_events")
-    scheduler.add_job(_safely(deliver_outbox, service), "interval", seconds=s.outbox_interval_s, id="outbox")
+    # Up to three deliveries at once (rows are claimed with SKIP LOCKED, one patient's rows stay in order):
+    # a write-back waits for the EHR's answer, and others need not wait behind it.
+    scheduler.add_job(_safely(deliver_outbox, service), "interval", seconds=s.outbox_interval_s, id="outbox",
+                      max_instances=3)
     scheduler.add_job(_safely(escalate_overdue, service), "interval", seconds=15, id="escalate_overdue")
     scheduler.add_job(_safely(sign_audit_checkpoint, service), "interval", minutes=5, id="audit_checkpoint")
     scheduler.add_job(_safely(export_audit_to_ehr, service), "interval", minutes=1, id="audit_export")

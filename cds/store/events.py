@@ -107,7 +107,8 @@ def newer_version_done(conn: psycopg.Connection[Any], stored: StoredEvent) -> bo
 
 
 def mark_event(conn: psycopg.Connection[Any], event_id: int, status: str, error: str | None = None) -> None:
-    conn.execute("UPDATE events SET status = %s, processed_at = now(), last_error = %s,"
+    # clock_timestamp(): this event's own time, not the start of the batch's transaction
+    conn.execute("UPDATE events SET status = %s, processed_at = clock_timestamp(), last_error = %s,"
                  " attempts = attempts + 1 WHERE id = %s", (status, error, event_id))
 
 

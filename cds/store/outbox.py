@@ -59,8 +59,9 @@ def claim_due(conn: psycopg.Connection[Any], cipher: Cipher, limit: int) -> list
 
 
 def mark_sent(conn: psycopg.Connection[Any], item_id: int, result: dict[str, Any]) -> None:
-    conn.execute("UPDATE outbox SET status = 'sent', sent_at = now(), attempts = attempts + 1, result = %s,"
-                 " last_error = NULL WHERE id = %s", (json.dumps(result), item_id))
+    # clock_timestamp(): when this row's write reached the EHR, not when the delivering transaction began
+    conn.execute("UPDATE outbox SET status = 'sent', sent_at = clock_timestamp(), attempts = attempts + 1,"
+                 " result = %s, last_error = NULL WHERE id = %s", (json.dumps(result), item_id))
 
 
 def backoff_s(attempts: int, *, base: float = 1.0, cap: float = 300.0) -> float:
