@@ -103,3 +103,14 @@ def client(service: Any) -> Any:
 
     app = create_app(service, {"TESTING": True})
     return app.test_client()
+
+
+@pytest.fixture
+def api_key(service: Any) -> str:
+    """A key of a registered API client (``cds clients add``): screening, push ingest, quarantine list."""
+    from cds.store import clients
+
+    with service.pool.connection() as conn:
+        key = clients.add_client(conn, "test-client", "test")
+        conn.commit()
+    return key

@@ -46,13 +46,14 @@ def test_positive_phq9_reaches_the_ehr_and_the_triage_queue(ehr: Any, service: A
     assert page.status_code == 200 and ref.encode() in page.data
 
 
-def test_same_resource_delivered_twice_gives_one_alert(ehr: Any, service: Any, client: Any) -> None:
+def test_same_resource_delivered_twice_gives_one_alert(ehr: Any, service: Any, client: Any,
+                                                        api_key: str) -> None:
     pat = ehr.create(patient())
     ref = f"Patient/{pat['id']}"
     qr = ehr.create(phq9(ref, [0, 0, 0, 0, 0, 0, 0, 0, 3]))
     ingest_cycle(service)
     # The same version again: through the push API and through a full re-poll from the beginning.
-    headers = api_key_headers(service)
+    headers = {"Authorization": f"Bearer {api_key}"}
     first = client.post("/api/v1/events", json=qr, headers=headers)
     second = client.post("/api/v1/events", json=qr, headers=headers)
     assert first.status_code == 202 and second.status_code == 200 and second.get_json()["duplicate"]
@@ -70,7 +71,7 @@ def test_same_resource_delivered_twice_gives_one_alert(ehr: Any, service: Any, c
     assert len(ehr.search("Flag", subject=ref)) == 1
 
 
-def test_invalid_resource_is_quarantined_and_the_next_valid_one_flows(ehr: Any, service: Any,
+def test_invalid_resource_is_quarantined_and_the_next_valid_one_flows(ehr: Any, service: Any, api_key: str,
                                                                        client: Any) -> None:
     pat = ehr.create(patient())
     ref = f"Patient/{pat['id']}"
@@ -85,7 +86,7 @@ def test_invalid_resource_is_quarantined_and_the_next_valid_one_flows(ehr: Any, 
     assert len(quarantined) == 1 and "subject" in quarantined[0][1]
     assert assessed == 1
     # Bad input over HTTP: a clear OperationOutcome, and it is kept for review too.
-    headers = api_key_headers(service)
+    headers = {"Authorization": f"Bearer {api_key}"}
     assert client.post("/api/v1/events", json=phq9(ref, [0] * 9)).status_code == 401  # no key, nothing stored
     assert client.get("/api/v1/quarantine").status_code == 401
     bad = client.post("/api/v1/events", data=b'{"resourceType": "Communication", "status": 42}',
@@ -144,11 +145,3 @@ def test_bot_turns_are_stored_but_not_scored_as_the_patient(ehr: Any, service: A
         assessed = conn.execute("SELECT count(*) FROM assessments").fetchone()[0]
     assert events == [("done",)] and assessed == 0
 
-
-def api_key_headers(service: Any) -> dict[str, str]:
-    from cds.store import clients
-
-    with service.pool.connection() as conn:
-        key = clients.add_client(conn, "integration-1", "test")
-        conn.commit()
-    return {"Authorization": f"Bearer {key}"}

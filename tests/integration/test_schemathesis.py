@@ -36,7 +36,6 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
-from cds.store import clients
 from cds.web.api import openapi_document
 from integrations.fhir.smart import generate_private_key, public_jwk
 
@@ -88,14 +87,6 @@ def credentials(path: str, api_key: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class Seeded:
     cards: dict[str, str]  # hook service id -> the uuid of a card it issued for PATIENT_ID
-
-
-@pytest.fixture
-def api_key(service: Any) -> str:
-    with service.pool.connection() as conn:
-        key = clients.add_client(conn, "schemathesis", "test")
-        conn.commit()
-    return key
 
 
 @pytest.fixture

@@ -6,17 +6,8 @@ from typing import Any
 
 import pytest
 
-from cds.store import clients
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def api_key(service: Any) -> str:
-    with service.pool.connection() as conn:
-        key = clients.add_client(conn, "bot-1", "test")
-        conn.commit()
-    return key
 
 
 def _screen(client: Any, key: str | None, body: Any) -> Any:
@@ -35,7 +26,7 @@ def test_explicit_plan_hands_over_to_a_human_with_crisis_resources(client: Any, 
     assert body["alert"] and body["evidence"]
     assert all(0 <= e["start"] < e["end"] for e in body["evidence"])
     with service.pool.connection() as conn:
-        stored = conn.execute("SELECT count(*) FROM events WHERE source = 'screen-api:bot-1'").fetchone()[0]
+        stored = conn.execute("SELECT count(*) FROM events WHERE source = 'screen-api:test-client'").fetchone()[0]
         audited = conn.execute("SELECT count(*) FROM audit_log WHERE event_type = 'assessment'"
                                " AND patient_ref = 'Patient/p-1'").fetchone()[0]
     assert stored == 1 and audited == 1

@@ -12,15 +12,14 @@
 // Prints one JSON object. --server lets the same load run against another version of server.mjs (it must
 // sit next to node_modules, e.g. a copy inside integrations/sandbox/).
 
-import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import http from 'node:http';
-import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { SERVER, startServer, stopServer } from '../launch.mjs';
 
 const { values: opts } = parseArgs({
   options: {
-    server: { type: 'string', default: fileURLToPath(new URL('../server.mjs', import.meta.url)) },
+    server: { type: 'string', default: SERVER },
     n: { type: 'string', default: '100000' },
     creates: { type: 'string', default: '1000' },
     polls: { type: 'string', default: '100' },
@@ -95,20 +94,6 @@ function writeback(i) {
       }),
     ],
   };
-}
-
-async function startServer() {
-  const child = spawn(process.execPath, [opts.server, '--port', '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
-  let out = '';
-  const base = await new Promise((resolve, reject) => {
-    child.stdout.on('data', (d) => {
-      out += d;
-      const m = /sandbox listening on (http:\/\/\S+)\/fhir/.exec(out);
-      if (m) resolve(m[1]);
-    });
-    child.on('exit', (code) => reject(new Error(`server exited ${code}`)));
-  });
-  return { child, fhir: `${base}/fhir`, root: base };
 }
 
 async function request(url, init = {}) {
@@ -208,7 +193,7 @@ async function timed(fn) {
   return { s: Math.round(performance.now() - t0) / 1000, ...(extra ?? {}) };
 }
 
-const srv = await startServer();
+const srv = await startServer([], { server: opts.server, stderr: 'inherit' });
 const results = { server: opts.server, communications: N };
 try {
   let bound;
@@ -262,7 +247,6 @@ try {
   results.writeback_transactions.per_s = Math.round(WRITEBACKS / results.writeback_transactions.s);
   if (Number(opts['notify-rate']) > 0) results.notify = await notifyLoad(Number(opts['notify-rate']), Number(opts['notify-seconds']));
 } finally {
-  srv.child.kill('SIGTERM');
-  await once(srv.child, 'exit');
+  await stopServer(srv);
 }
 console.log(JSON.stringify(results, null, 2));

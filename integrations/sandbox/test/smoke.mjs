@@ -2,39 +2,14 @@
 // Run: node --test integrations/sandbox/test/   (after npm ci --prefix integrations/sandbox)
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { after, before, beforeEach, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { startServer, stopServer } from '../launch.mjs';
 
-const SERVER = fileURLToPath(new URL('../server.mjs', import.meta.url));
 const SEED = fileURLToPath(new URL('../seed/demo-patients.json', import.meta.url));
 const MRN = 'http://hospital.example.org/mrn';
 const FHIR_JSON = { 'Content-Type': 'application/fhir+json' };
-
-async function startServer(...args) {
-  const child = spawn(process.execPath, [SERVER, '--port', '0', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stderr = '';
-  child.stderr.on('data', (d) => (stderr += d));
-  let stdout = '';
-  const base = await new Promise((resolve, reject) => {
-    child.stdout.on('data', (d) => {
-      stdout += d;
-      const m = /sandbox listening on (http:\/\/\S+)\/fhir/.exec(stdout);
-      if (m) resolve(m[1]);
-    });
-    child.on('exit', (code) => reject(new Error(`server exited ${code}: ${stderr}`)));
-  });
-  return { child, root: base, fhir: `${base}/fhir`, output: () => stdout };
-}
-
-async function stop(server) {
-  if (server.child.exitCode !== null) return server.child.exitCode;
-  server.child.kill('SIGTERM');
-  const [code] = await once(server.child, 'exit');
-  return code;
-}
 
 let srv;
 const fhir = (path, init = {}) => fetch(`${srv.fhir}${path}`, init);
@@ -65,7 +40,7 @@ before(async () => {
   srv = await startServer();
 });
 after(async () => {
-  assert.equal(await stop(srv), 0, 'exits cleanly on SIGTERM');
+  assert.equal(await stopServer(srv), 0, 'exits cleanly on SIGTERM');
 });
 beforeEach(async () => {
   assert.deepEqual((await admin('POST', '/admin/reset')).body, { reset: true });
@@ -466,7 +441,7 @@ describe('admin', () => {
 
 describe('--seed', () => {
   test('seeds the demo bundle at start-up', async () => {
-    const seeded = await startServer('--seed', SEED);
+    const seeded = await startServer(['--seed', SEED]);
     try {
       assert.match(seeded.output(), /seeded 57 resources/);
       const res = await fetch(`${seeded.fhir}/Patient?identifier=${MRN}|MRN-0007`).then((r) => r.json());
@@ -475,7 +450,7 @@ describe('--seed', () => {
       assert.equal(chats.total, 4);
       assert.match(chats.entry[2].resource.payload[0].contentString, /安眠药/);
     } finally {
-      assert.equal(await stop(seeded), 0);
+      assert.equal(await stopServer(seeded), 0);
     }
   });
 });

@@ -3,35 +3,17 @@
 // Run: npm test --prefix integrations/sandbox
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import http from 'node:http';
 import { after, before, beforeEach, describe, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
+import { startServer, stopServer } from '../launch.mjs';
 
-const SERVER = fileURLToPath(new URL('../server.mjs', import.meta.url));
 const BACKPORT = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition';
 const TOPIC = 'http://psych-cds.example.org/fhir/SubscriptionTopic/patient-input';
 const FHIR_JSON = { 'Content-Type': 'application/fhir+json' };
 
 let srv;
 let receiver;
-
-async function startServer() {
-  const child = spawn(process.execPath, [SERVER, '--port', '0'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stderr = '';
-  child.stderr.on('data', (d) => (stderr += d));
-  let stdout = '';
-  const root = await new Promise((resolve, reject) => {
-    child.stdout.on('data', (d) => {
-      stdout += d;
-      const m = /sandbox listening on (http:\/\/\S+)\/fhir/.exec(stdout);
-      if (m) resolve(m[1]);
-    });
-    child.on('exit', (code) => reject(new Error(`server exited ${code}: ${stderr}`)));
-  });
-  return { child, root, fhir: `${root}/fhir` };
-}
 
 // The receiving end: records every POST; `failNext` answers that many with 503 first.
 async function startReceiver() {
@@ -129,8 +111,7 @@ before(async () => {
   [srv, receiver] = await Promise.all([startServer(), startReceiver()]);
 });
 after(async () => {
-  srv.child.kill('SIGTERM');
-  await once(srv.child, 'exit');
+  await stopServer(srv);
   receiver.server.close();
 });
 beforeEach(async () => {
