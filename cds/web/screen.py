@@ -124,9 +124,10 @@ def screen() -> Any:
         raise InputError("the message could not be assessed; it is kept and will be retried")
     locale = "zh-CN" if (body.get("lang") or "").startswith("zh") else svc.settings.default_locale
     verdict = directive(assessment)
+    last = f"#{_last_index(assessment)}"  # the request's own message
     evidence = [{"start": e.start, "end": e.end, "kind": e.kind}
                 for s in assessment.signals if s.name in ("text.tier", "text.safety_net") for e in s.evidence
-                if not e.ref.rpartition("#")[2].isdigit() or e.ref.endswith(f"#{_last_index(assessment)}")]
+                if not e.ref.rpartition("#")[2].isdigit() or e.ref.endswith(last)]
     return jsonify({
         "tier": assessment.tier.label, "directive": verdict,
         "flags": sorted(assessment.flags), "missing": list(assessment.missing),
