@@ -181,6 +181,7 @@ class IngestResult:
     duplicate: bool
     quarantine_id: int | None = None
     reason: str | None = None
+    event: Event | None = None  # what was stored (in memory only)
 
 
 @dataclass(frozen=True)
@@ -236,10 +237,10 @@ class Pipeline:
             audits: list[dict[str, Any]] = []
             result = self._store_inputs(conn, [resource], source, actor, audits)[0]
             processed = None
-            if result.event_id is not None and not result.duplicate:
-                stored = event_store.claim_event(conn, self.cipher, result.event_id)
-                if stored is not None:
-                    processed = self._process_guarded(conn, stored, audits)
+            if result.event_id is not None and not result.duplicate and result.event is not None:
+                # Inserted by this transaction: no other worker can see it, let alone claim it.
+                stored = event_store.StoredEvent(id=result.event_id, attempts=0, event=result.event)
+                processed = self._process_guarded(conn, stored, audits)
             _append_audits(conn, audits)
         return result, processed
 
@@ -260,7 +261,7 @@ class Pipeline:
                                patient_ref=event.patient_ref, outcome=0,
                                entity={"what": event_reference(event), "event_id": event_id},
                                detail={"duplicate": not inserted, "source": source}))
-            results.append(IngestResult(event_id, duplicate=not inserted))
+            results.append(IngestResult(event_id, duplicate=not inserted, event=event))
         return results
 
     def _quarantine(self, conn: psycopg.Connection[Any], resource: Any, source: str, reason: str,

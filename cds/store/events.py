@@ -90,20 +90,16 @@ def known_versions(conn: psycopg.Connection[Any], source: str, resource_type: st
     return {(str(r[0]), str(r[1])) for r in rows}
 
 
-def claim_event(conn: psycopg.Connection[Any], cipher: Cipher, event_id: int) -> StoredEvent | None:
-    row = conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = %s AND status = 'pending' FOR UPDATE",
-                       (event_id,)).fetchone()
-    return _load(conn, cipher, row) if row else None
-
-
 def newer_version_done(conn: psycopg.Connection[Any], stored: StoredEvent) -> bool:
     """True when a later version of the same resource was already assessed (newest state wins)."""
     ev = stored.event
+    if ev.received_at is None:  # no version time to compare (the screening API's messages)
+        return False
     row = conn.execute(
         "SELECT 1 FROM events WHERE source = %s AND resource_type = %s AND resource_id = %s AND id <> %s"
         " AND status = 'done' AND source_updated > %s LIMIT 1",
         (ev.source, ev.resource_type, ev.resource_id, stored.id, ev.received_at)).fetchone()
-    return row is not None and ev.received_at is not None
+    return row is not None
 
 
 def mark_event(conn: psycopg.Connection[Any], event_id: int, status: str, error: str | None = None) -> None:

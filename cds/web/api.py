@@ -65,14 +65,16 @@ def healthz() -> Any:
     return jsonify(body), 200 if body["status"] != "error" else 503
 
 
-def api_client() -> Any:
+def api_client(conn: Any = None) -> Any:
     """The calling integration, by its API key (``cds clients add``): Bearer or X-API-Key; 401 otherwise."""
     from cds.store import clients
 
     header = request.headers.get("Authorization", "")
     key = header[7:] if header.lower().startswith("bearer ") else request.headers.get("X-API-Key")
-    with service().pool.connection() as conn:
+    if conn is not None:
         return clients.authenticate(conn, key)
+    with service().pool.connection() as own:
+        return clients.authenticate(own, key)
 
 
 @bp.post("/api/v1/events")

@@ -99,8 +99,8 @@ def screen() -> Any:
 
     svc = service()
     now = datetime.now(UTC)
-    client = api_client()
     with svc.pool.connection() as conn:
+        client = api_client(conn)
         clients.charge(conn, client, now, svc.settings.screen_rate_per_min)
         conn.commit()
     body = request.get_json(silent=True)
