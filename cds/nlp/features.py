@@ -92,18 +92,12 @@ def edge_words(text: str) -> tuple[str, str] | None:
     return (words[0], words[-1]) if words else None
 
 
-def joined_counts(parts: Sequence[str], cfg: FeatureConfig, counts: Callable[[str], Counter[int]],
-                  edges: Callable[[str], tuple[str, str] | None]) -> Counter[int]:
-    """``text_counts("\\n".join(parts))`` from the parts' own counts (``counts``, usually cached) plus
-    the word bigrams that cross a newline. Exact: normalisation is character by character, and a
-    newline ends every Chinese run and every Latin word. A joined text the model would clip is
-    counted directly."""
-    return prefix_counts(parts, cfg, counts, edges)[-1]
-
-
 def prefix_counts(parts: Sequence[str], cfg: FeatureConfig, counts: Callable[[str], Counter[int]],
                   edges: Callable[[str], tuple[str, str] | None]) -> list[Counter[int]]:
-    """``joined_counts`` of every prefix of ``parts`` (parts[:1], parts[:2], ...), each built on the last."""
+    """``text_counts("\\n".join(parts[:k + 1]))`` for every k, each built on the one before from the parts'
+    own counts (``counts``, usually cached) plus the word bigrams that cross a newline. Exact:
+    normalisation is character by character, and a newline ends every Chinese run and every Latin
+    word. A joined text the model would clip is counted directly."""
     out: list[Counter[int]] = []
     total: Counter[int] = Counter()
     last: str | None = None
@@ -135,7 +129,7 @@ def featurise(texts: Sequence[str], cfg: FeatureConfig) -> tuple[npt.NDArray[np.
 
 def featurise_counts(batch: Sequence[Mapping[int, int]], cfg: FeatureConfig
                      ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """``featurise`` from n-gram counts already made (see ``joined_counts``)."""
+    """``featurise`` from n-gram counts already made (see ``prefix_counts``)."""
     width = max([1] + [min(len(c), cfg.max_features) for c in batch])
     ids = np.zeros((len(batch), width), dtype=np.int64)
     tf = np.zeros((len(batch), width), dtype=np.float32)

@@ -39,8 +39,8 @@ CACHE_TEXTS = 8192  # per-message results kept: a conversation's earlier message
 
 
 class _Lru:
-    """A small thread-safe LRU map. ``get_or_make`` is the only way in, so a value is always what
-    ``make`` returns for that key (the model is deterministic: a hit equals a recomputation)."""
+    """A small thread-safe LRU map of deterministic results: a hit equals a recomputation. ``get``
+    answers None for a miss (values are never None)."""
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
@@ -260,8 +260,7 @@ class TextRiskModel:
         i = 0
         while i < len(windows):
             j = i + 1
-            while j < len(windows) and len(windows[j]) == len(windows[j - 1]) + 1 \
-                    and windows[j][0] is windows[i][0] and windows[j][:-1] == windows[j - 1]:
+            while j < len(windows) and windows[j][:-1] == windows[j - 1]:
                 j += 1
             run = windows[j - 1]
             first = len(windows[i])
