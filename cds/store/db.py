@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -80,18 +81,19 @@ def connect(url: str, *, as_app: bool = True) -> psycopg.Connection[Any]:
 CHECK_IDLE_S = 2.0  # a connection idle longer than this is tested before use
 
 
+# When each pooled connection was last given back (weak keys: a discarded connection leaves no entry).
+_last_returned: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = weakref.WeakKeyDictionary()
+
+
 def _returned(conn: psycopg.Connection[Any]) -> None:
-    _last_returned[id(conn)] = time.monotonic()
+    _last_returned[conn] = time.monotonic()
 
 
 def _check_if_idle(conn: psycopg.Connection[Any]) -> None:
     """Test a connection before use only when it sat idle (a database restart may have cut it): a busy
     pool hands out connections used milliseconds ago without a round trip."""
-    if time.monotonic() - _last_returned.get(id(conn), 0.0) > CHECK_IDLE_S:
+    if time.monotonic() - _last_returned.get(conn, 0.0) > CHECK_IDLE_S:
         ConnectionPool.check_connection(conn)
-
-
-_last_returned: dict[int, float] = {}
 
 
 def open_pool(url: str, *, min_size: int = 1, max_size: int = 8, name: str = "cds") -> ConnectionPool:

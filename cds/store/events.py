@@ -53,9 +53,6 @@ def _load(conn: psycopg.Connection[Any], cipher: Cipher, row: Sequence[Any]) -> 
         resource=resource, received_at=updated, conversation_id=conv))
 
 
-EVENTS_CHANNEL = "cds_events"  # NOTIFYed by the insert trigger of migration 0007
-
-
 def claim_pending(conn: psycopg.Connection[Any], cipher: Cipher, limit: int) -> list[StoredEvent]:
     """Lock up to ``limit`` pending events for this transaction; other workers skip them.
 
