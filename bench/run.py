@@ -99,19 +99,9 @@ class Stack:
         stop_embedded(self.tmp / "pg")
 
 
-def wait_for_result(check: Callable[[], Any], timeout_s: float = 60, every_s: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(every_s)
-    raise TimeoutError("no result")
-
-
 def bench_questionnaire_to_writeback(n: int = 20) -> dict[str, Any]:
     """Seconds from POSTing a positive PHQ-9 into the EHR to its RiskAssessment being readable there."""
-    from tests.samples import patient, phq9
+    from tests.samples import patient, phq9, wait_until
 
     stack = Stack(workers=1)
     try:
@@ -122,7 +112,7 @@ def bench_questionnaire_to_writeback(n: int = 20) -> dict[str, Any]:
             ref = f"Patient/{pat['id']}"
             t0 = time.monotonic()
             stack.post(phq9(ref, [1, 1, 1, 1, 1, 1, 1, 1, 2]))
-            wait_for_result(lambda: stack.search("RiskAssessment", subject=ref))
+            wait_until(lambda: stack.search("RiskAssessment", subject=ref), timeout_s=60, every_s=0.02)
             latencies.append(time.monotonic() - t0)
         return {"n": n, "median_s": round(statistics.median(latencies), 3),
                 "p90_s": round(percentile(latencies, 90), 3), "max_s": round(max(latencies), 3),
@@ -193,7 +183,7 @@ def bench_ingest(n_patients: int = 300, n_messages: int = 6000, workers: int = 1
 
     ``rate`` None pushes the whole day at once (capacity: how fast the backlog drains); a number feeds
     that many messages per second (sustained: the latency a steady stream sees)."""
-    from tests.samples import patient
+    from tests.samples import patient, wait_until
 
     poll_interval = 0.5 if mode == "polled" else 30.0  # with a Subscription, polling only reconciles
     stack = Stack(workers=workers, poll_page_size=500, poll_interval_s=poll_interval)
@@ -209,7 +199,8 @@ def bench_ingest(n_patients: int = 300, n_messages: int = 6000, workers: int = 1
             sub = ensure_subscription(FhirClient(f"{stack.ehr_root}/fhir"), f"http://127.0.0.1:{port}/fhir/notify",
                                       secret, SUBSCRIPTION_TOPIC, payload="full-resource", heartbeat_s=60,
                                       filters=("Communication?status=completed",))
-            wait_for_result(lambda: stack.search("Subscription", _id=sub["id"], status="active"), timeout_s=30)
+            wait_until(lambda: stack.search("Subscription", _id=sub["id"], status="active"), timeout_s=30,
+                       every_s=0.02)
         time.sleep(3)
         bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
             {"resource": patient(mrn=f"MRN-D-{i}"), "request": {"method": "POST", "url": "Patient"}}
@@ -230,7 +221,7 @@ def bench_ingest(n_patients: int = 300, n_messages: int = 6000, workers: int = 1
             return bool(done >= n_messages and pending == 0)
 
         # checked every second: counting a growing table 50 times a second would load the 2 cores measured
-        wait_for_result(settled, timeout_s=3600, every_s=1.0)
+        wait_until(settled, timeout_s=3600, every_s=1.0)
         with psycopg.connect(stack.db_url) as conn:
             lat = [float(r[0]) for r in conn.execute(
                 "SELECT extract(epoch FROM o.sent_at - e.source_updated) * 1000 FROM assessments a"
