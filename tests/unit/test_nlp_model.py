@@ -146,6 +146,14 @@ def test_provider_is_what_the_session_got(model: TextRiskModel) -> None:
     assert model.provider in ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
+def test_session_runs_on_one_non_spinning_thread(model: TextRiskModel) -> None:
+    # onnxruntime's default (a thread per core, spinning between runs) burned a core the database and
+    # the EHR need on the same machine; a second thread does not make this small model faster.
+    opts = model._session.get_session_options()
+    assert opts.intra_op_num_threads == 1
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 # ---- classify ------------------------------------------------------------------------------
 
 def test_classify_batch(model: TextRiskModel) -> None:
