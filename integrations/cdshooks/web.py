@@ -214,9 +214,10 @@ def call_hook(service_id: str) -> Any:
         body = _json_object()
         if body.get("hook") != hook.hook:
             raise InputError(f"this service answers the {hook.hook} hook, not {str(body.get('hook'))[:40]!r}")
-        hook_instance = body.get("hookInstance")
-        if not isinstance(hook_instance, str) or not hook_instance:
-            raise InputError("hookInstance is required")
+        given = body.get("hookInstance")
+        if not isinstance(given, str) or not given:
+            raise InputError("hookInstance is required (a string)")
+        hook_instance = given
         context = body.get("context")
         patient_id = context.get("patientId") if isinstance(context, Mapping) else None
         if not isinstance(patient_id, str) or not patient_id or "/" in patient_id:

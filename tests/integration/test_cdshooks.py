@@ -210,6 +210,11 @@ def test_hook_for_the_wrong_service_or_without_patient_is_a_bad_request(client: 
     assert call(client, body).status_code == 400
     unknown = call(client, hook_body("p1"), "no-such-service")
     assert unknown.status_code == 404
+    for instance in (-569660, None, ["x"], ""):  # found by schemathesis: a number was a 500
+        body = hook_body("p1")
+        body["hookInstance"] = instance
+        bad = call(client, body)
+        assert bad.status_code == 400 and "hookInstance" in bad.get_json()["issue"][0]["diagnostics"]
 
 
 # -- prefetch, fallback read, 412 ----------------------------------------------------------------------
