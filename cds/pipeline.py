@@ -60,6 +60,14 @@ class Engines:
         return cls(instruments=catalog, ruleset=ruleset, shadow_rulesets=shadows, text_model=text_model)
 
     @property
+    def lookback_signals(self) -> frozenset[str]:
+        """Earlier signals any rule (live or shadow) counts; the only ones read back from the store."""
+        names: frozenset[str] = self.ruleset.lookback_signals
+        for shadow in self.shadow_rulesets:
+            names |= shadow.lookback_signals
+        return names
+
+    @property
     def model_sha256(self) -> str | None:
         return getattr(self.text_model, "sha256", None)
 
@@ -194,6 +202,23 @@ class Processed:
 
 
 ALERT_ACTIONS = {"nurse_alert": "risk", "discordance_alert": "discordance"}
+# What one event's processing may raise without it being the store's fault (those roll back that event only).
+EVENT_ERRORS = (CdsError, CryptoError, psycopg.Error, ValueError, KeyError, TypeError)
+
+
+def _log_processed(results: Sequence[Processed]) -> None:
+    """After the commit: one line per batch (counts and tiers, no PHI), one DEBUG line per event."""
+    if not results:
+        return
+    tiers: dict[str, int] = {}
+    for r in results:
+        if r.assessment is not None:
+            tiers[r.assessment.tier.label] = tiers.get(r.assessment.tier.label, 0) + 1
+        log.debug("event processed", extra={"event_id": r.event_id, "status": r.status,
+                                            "assessment_id": r.assessment_id, "alerts": len(r.alert_ids)})
+    log.info("events processed", extra={"count": len(results), "tiers": tiers,
+                                        "alerts": sum(len(r.alert_ids) for r in results),
+                                        "failed": sum(1 for r in results if r.status in ("failed", "retry"))})
 
 
 class Pipeline:
@@ -242,6 +267,8 @@ class Pipeline:
                 stored = event_store.StoredEvent(id=result.event_id, attempts=0, event=result.event)
                 processed = self._process_guarded(conn, stored, audits)
             _append_audits(conn, audits)
+        if processed is not None:
+            _log_processed([processed])
         return result, processed
 
     def _store_inputs(self, conn: psycopg.Connection[Any], resources: Sequence[Any], source: str, actor: str,
@@ -286,23 +313,38 @@ class Pipeline:
     # process --------------------------------------------------------------------------------------
 
     def process_pending(self, limit: int | None = None) -> list[Processed]:
-        """Claim and process a batch of pending events in one transaction (one savepoint per event).
+        """Claim and process a batch of pending events in one transaction.
 
         Audit records of the batch are appended together just before the commit: the audit chain's
         append lock is then held for milliseconds, not for the whole batch (which would make every
         ingest and every other worker wait on it, and could deadlock against row locks).
+
+        The batch first runs without a savepoint per event (two round trips fewer per event). If one
+        event fails, that whole transaction rolls back and the batch runs again with a savepoint per
+        event, so the failing event is counted and parked while the others are assessed.
         """
         with storage_watch():
-            return self._process_pending(limit)
+            size = limit or self.settings.worker_batch_size
+            try:
+                results = self._process_batch(size, guarded=False)
+            except EVENT_ERRORS as exc:
+                if is_storage_error(exc):
+                    raise
+                log.warning("batch rolled back: an event failed; processing it again event by event",
+                            extra={"error": exc.__class__.__name__})
+                results = self._process_batch(size, guarded=True)
+        _log_processed(results)
+        return results
 
-    def _process_pending(self, limit: int | None) -> list[Processed]:
+    def _process_batch(self, size: int, *, guarded: bool) -> list[Processed]:
         results: list[Processed] = []
         with self.pool.connection() as conn, conn.transaction():
             audits: list[dict[str, Any]] = []
-            claimed = event_store.claim_pending(conn, self.cipher, limit or self.settings.worker_batch_size)
+            claimed = event_store.claim_pending(conn, self.cipher, size)
             # Patient row locks are taken in patient order, so concurrent workers never deadlock.
             for stored in sorted(claimed, key=lambda s: (s.event.patient_ref, s.id)):
-                results.append(self._process_guarded(conn, stored, audits))
+                results.append(self._process_guarded(conn, stored, audits) if guarded
+                               else self._process(conn, stored, audits))
             _append_audits(conn, audits)
         return results
 
@@ -312,7 +354,7 @@ class Pipeline:
         try:
             with conn.transaction():
                 return self._process(conn, stored, audits)
-        except (CdsError, CryptoError, psycopg.Error, ValueError, KeyError, TypeError) as exc:
+        except EVENT_ERRORS as exc:
             if is_storage_error(exc):  # not this event's fault: the whole batch waits, nothing counts as tried
                 raise
             del audits[mark:]  # what the rolled-back savepoint did, it did not do
@@ -342,7 +384,8 @@ class Pipeline:
                 state = assessment_store.PatientState(
                     state.patient_ref, state.current_tier, state.tier_since, fetched.conditions,
                     fetched.prior_attempt, fetched.birth_date, now)
-        recent = assessment_store.recent_signals(conn, state.patient_ref, now - timedelta(days=LOOKBACK_DAYS))
+        recent = assessment_store.recent_signals(conn, state.patient_ref, now - timedelta(days=LOOKBACK_DAYS),
+                                                 self.engines.lookback_signals)
         age = None
         if state.birth_date is not None:
             today = now.date()
@@ -402,8 +445,6 @@ class Pipeline:
                              "ruleset": a.ruleset_hash, "model_sha256": a.model_sha256,
                              "alerts": list(alert_ids)}))
         event_store.mark_event(conn, stored.id, "done")
-        log.info("event assessed", extra={"event_id": stored.id, "assessment_id": assessment_id,
-                                          "tier": a.tier.label, "alerts": len(alert_ids)})
         return Processed(stored.id, "done", assessment_id, a, tuple(alert_ids))
 
     def _act_on_alerts(self, conn: psycopg.Connection[Any], a: Assessment, assessment_id: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -50,18 +51,24 @@ def load_signals(conn: psycopg.Connection[Any], cipher: Cipher, assessment_id: i
     return [Signal.from_json(s) for s in open_json(cipher, conn, row[0], _signals_aad(assessment_id))]
 
 
-def recent_signals(conn: psycopg.Connection[Any], patient_ref: str, since: datetime) -> list[Signal]:
-    """Earlier live signals of this patient (from the non-PHI summary), oldest first."""
-    rows = conn.execute(
-        "SELECT created_at, signal_summary FROM assessments WHERE patient_ref = %s AND NOT shadow"
-        " AND created_at >= %s ORDER BY id", (patient_ref, since)).fetchall()
-    out: list[Signal] = []
-    for created_at, summary in rows:
-        for s in summary or []:
-            out.append(Signal(name=s["name"], value=s.get("value"), source=s.get("source", ""),
-                              tier=RiskTier.from_label(s["tier"]) if s.get("tier") else None,
-                              missing=tuple(s.get("missing") or ()), observed_at=created_at))
-    return out
+def recent_signals(conn: psycopg.Connection[Any], patient_ref: str, since: datetime,
+                   names: Collection[str] | None = None) -> list[Signal]:
+    """Earlier live signals of this patient (from the non-PHI summary), oldest first; only those named
+    in ``names`` when given (the ones rules count: a chatty patient's history is mostly other signals)."""
+    if names is None:
+        query = ("SELECT a.created_at, s FROM assessments a, jsonb_array_elements(a.signal_summary)"
+                 " WITH ORDINALITY AS x(s, n) WHERE a.patient_ref = %s AND NOT a.shadow AND a.created_at >= %s"
+                 " ORDER BY a.id, x.n")
+        params: tuple[Any, ...] = (patient_ref, since)
+    else:
+        query = ("SELECT a.created_at, s FROM assessments a, jsonb_array_elements(a.signal_summary)"
+                 " WITH ORDINALITY AS x(s, n) WHERE a.patient_ref = %s AND NOT a.shadow AND a.created_at >= %s"
+                 " AND s->>'name' = ANY(%s) ORDER BY a.id, x.n")
+        params = (patient_ref, since, sorted(names))
+    return [Signal(name=s["name"], value=s.get("value"), source=s.get("source", ""),
+                   tier=RiskTier.from_label(s["tier"]) if s.get("tier") else None,
+                   missing=tuple(s.get("missing") or ()), observed_at=created_at)
+            for created_at, s in conn.execute(query, params)]
 
 
 @dataclass(frozen=True)

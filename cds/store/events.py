@@ -53,6 +53,9 @@ def _load(conn: psycopg.Connection[Any], cipher: Cipher, row: Sequence[Any]) -> 
         resource=resource, received_at=updated, conversation_id=conv))
 
 
+RETRY_BASE_S = 5.0
+
+
 def claim_pending(conn: psycopg.Connection[Any], cipher: Cipher, limit: int) -> list[StoredEvent]:
     """Lock up to ``limit`` pending events for this transaction; other workers skip them.
 
@@ -60,8 +63,9 @@ def claim_pending(conn: psycopg.Connection[Any], cipher: Cipher, limit: int) -> 
     claim at once and another worker processes the events; nothing is claimed twice.
     """
     rows = conn.execute(
-        f"SELECT {_EVENT_COLUMNS} FROM events WHERE status = 'pending' ORDER BY id LIMIT %s"
-        " FOR UPDATE SKIP LOCKED", (limit,)).fetchall()
+        f"SELECT {_EVENT_COLUMNS} FROM events WHERE status = 'pending'"
+        " AND (retry_at IS NULL OR retry_at <= now()) ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+        (limit,)).fetchall()
     claimed: list[StoredEvent] = []
     for row in rows:
         try:
@@ -106,11 +110,13 @@ def mark_event(conn: psycopg.Connection[Any], event_id: int, status: str, error:
 
 
 def record_failure(conn: psycopg.Connection[Any], event_id: int, error: str, max_attempts: int) -> str:
-    """Count a failed attempt; after ``max_attempts`` the event is parked as failed for review."""
+    """Count a failed attempt; after ``max_attempts`` the event is parked as failed for review. Until then
+    it waits RETRY_BASE_S * 2^(attempts - 1) seconds before a worker claims it again."""
     row = conn.execute(
         "UPDATE events SET attempts = attempts + 1, last_error = %s,"
+        " retry_at = clock_timestamp() + make_interval(secs => %s * power(2, attempts)),"
         " status = CASE WHEN attempts + 1 >= %s THEN 'failed' ELSE status END WHERE id = %s RETURNING status",
-        (error, max_attempts, event_id)).fetchone()
+        (error, RETRY_BASE_S, max_attempts, event_id)).fetchone()
     return str(row[0]) if row else "missing"
 
 

@@ -87,6 +87,26 @@ class RuleSet:
     def __repr__(self) -> str:
         return f"RuleSet(version={self.version!r}, hash={self.hash[:12]}, shadow={self.shadow}, rules={len(self.rules)})"
 
+    @functools.cached_property
+    def lookback_signals(self) -> frozenset[str]:
+        """Names of the signals some rule counts in the patient's history (``count`` with scope recent or
+        all): the only earlier signals evaluation ever reads."""
+        names: set[str] = set()
+
+        def walk(node: Any) -> None:
+            if isinstance(node, Mapping):
+                if "count" in node and node.get("scope", "all") in ("recent", "all"):
+                    names.add(str(node["count"]["signal"]))
+                for value in node.values():
+                    walk(value)
+            elif isinstance(node, (list, tuple)):
+                for value in node:
+                    walk(value)
+
+        for rule in self.rules:
+            walk(rule.logic)
+        return frozenset(names)
+
     def rule(self, rule_id: str) -> Rule:
         for rule in self.rules:
             if rule.id == rule_id:

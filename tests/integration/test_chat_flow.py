@@ -89,3 +89,24 @@ def test_a_recorded_prior_attempt_in_the_ehr_reaches_the_rules(ehr: Any, service
             " WHERE patient_ref = %s", (ref,)).fetchone()
     assert prior is True
     assert any(f["id"] == "prior-attempt-with-ideation" for f in fired)
+
+
+def test_history_reads_back_only_the_signals_rules_count(ehr: Any, service: Any) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from cds.store.assessments import recent_signals
+
+    pat = ehr.create(patient(mrn="MRN-C-9"))
+    ref = f"Patient/{pat['id']}"
+    ehr.create(phq9(ref, [1, 1, 1, 0, 0, 0, 0, 0, 1]))
+    ehr.create(chat(ref, "I keep thinking about killing myself"))
+    ingest_cycle(service)
+    since = datetime.now(UTC) - timedelta(days=1)
+    with service.pool.connection() as conn:
+        everything = recent_signals(conn, ref, since)
+        counted = recent_signals(conn, ref, since, service.engines.lookback_signals)
+    assert {"phq9.total", "text.probability"} <= {s.name for s in everything}
+    assert {s.name for s in counted} == {"phq9.item9", "text.tier"}
+    # same signals, same order, as the unfiltered read
+    assert [(s.name, s.value, s.tier) for s in counted] == \
+        [(s.name, s.value, s.tier) for s in everything if s.name in service.engines.lookback_signals]

@@ -140,3 +140,40 @@ def test_a_wrong_key_encryption_key_is_refused_at_start_up(settings_env: dict[st
     with pytest.raises(ConfigError, match="does not match the stored data keys"):
         Service.start(Settings.from_env({**settings_env, "CDS_KEK_FILE": str(other), "CDS_DEMO": "true",
                                          "CDS_DATA_DIR": str(tmp_path / "other")}), migrate=False, pool_size=1)
+
+
+def test_an_event_that_cannot_be_assessed_is_parked_and_the_rest_of_its_batch_is_assessed(
+        ehr: Any, service: Any) -> None:
+    # A QuestionnaireResponse that passes intake but whose answer is impossible (scoring refuses it)
+    # sits in one batch between two good chat messages.
+    ref = f"Patient/{ehr.create(patient(mrn='MRN-F-P'))['id']}"
+    bad = phq9(ref, [1] * 9)
+    bad["item"][3]["answer"][0]["valueCoding"]["code"] = "LA-not-an-answer"
+    ehr.create(chat(ref, "I keep thinking about killing myself", session="S-p1"))
+    bad_id = ehr.create(bad)["id"]
+    ehr.create(chat(ref, "我想自杀，每天都在想", session="S-p2"))
+    ingest_cycle(service)
+    with service.pool.connection() as conn:
+        rows = conn.execute("SELECT resource_type, resource_id, status, attempts, last_error FROM events"
+                            " WHERE patient_ref = %s ORDER BY id", (ref,)).fetchall()
+        assessed = conn.execute("SELECT count(*) FROM assessments a JOIN events e ON e.id = a.event_id"
+                                " WHERE e.patient_ref = %s AND NOT a.shadow", (ref,)).fetchone()[0]
+    assert sorted((r[0], r[2]) for r in rows) == [("Communication", "done"), ("Communication", "done"),
+                                                  ("QuestionnaireResponse", "pending")]
+    qr = next(r for r in rows if r[0] == "QuestionnaireResponse")
+    assert qr[1] == bad_id and qr[3] == 1 and "InputError" in qr[4]
+    assert assessed == 2  # the good messages are assessed once each, not lost with the bad one
+    assert service.pipeline.process_pending() == []  # not tried again at once: it waits (5 s, then 10 s ...)
+    for _ in range(4):  # retried up to the limit, then parked as failed with an audit record
+        with service.pool.connection() as conn:  # the wait is over (instead of sleeping through it)
+            conn.execute("UPDATE events SET retry_at = now() - interval '1 second' WHERE resource_id = %s",
+                         (bad_id,))
+        assert [p.status for p in service.pipeline.process_pending()] in (["retry"], ["failed"])
+    with service.pool.connection() as conn:
+        status, attempts = conn.execute("SELECT status, attempts FROM events WHERE resource_id = %s",
+                                        (bad_id,)).fetchone()
+        audited = conn.execute("SELECT count(*) FROM audit_log WHERE event_type = 'event.failed'"
+                               " AND patient_ref = %s", (ref,)).fetchone()[0]
+        assessed_again = conn.execute("SELECT count(*) FROM assessments a JOIN events e ON e.id = a.event_id"
+                                      " WHERE e.patient_ref = %s AND NOT a.shadow", (ref,)).fetchone()[0]
+    assert (status, attempts, audited, assessed_again) == ("failed", 5, 1, 2)

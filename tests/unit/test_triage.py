@@ -53,6 +53,11 @@ def test_default_ruleset_loads_with_version_hash_and_rules() -> None:
     assert {"phq9-item9-positive", "discordance", "text-safety-net", "harm-to-others"} <= {r.id for r in ruleset.rules}
 
 
+def test_lookback_signals_are_the_ones_count_tests_read_from_history() -> None:
+    rs = load_ruleset()
+    assert rs.lookback_signals == {"text.tier", "phq9.item9", "cssrs.risk", "asq.result"}
+
+
 def test_phq9_item9_outcome_carries_hash_fired_rule_trace_and_actions() -> None:
     ruleset = load_ruleset()
     outcome = ruleset.evaluate([sig("phq9.item9", 2, RiskTier.MODERATE)], KNOWN, NOW)
