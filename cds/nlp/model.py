@@ -23,7 +23,8 @@ import numpy.typing as npt
 from cds.domain import FLAG_HARM_TO_OTHERS, FLAG_VICTIMISATION, Evidence, RiskTier, Signal
 from cds.errors import InputError, ModelError
 from cds.nlp.features import FeatureConfig, edge_words, featurise_counts, ngram_spans, prefix_counts, text_counts
-from cds.nlp.safety_net import LEXICON_DIR, SafetyNetResult, lexicons, result_from_hits, scan_hits
+from cds.nlp.safety_net import (LEXICON_DIR, SafetyNetResult, conversation_hits, lexicons, result_from_hits,
+                                 scan_hits)
 from cds.nlp.text import detect_lang
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
@@ -329,6 +330,11 @@ class TextRiskModel:
         hits = scan_hits(text, lang, self.lexicon_dir)
         return result_from_hits(text, hits, sorted({h.lexicon for h in hits}))
 
+    def _scan_conversation(self, messages: Sequence[str], joint: str, lang: str) -> SafetyNetResult:
+        """The safety net on the whole conversation (``joint`` = the messages joined by line breaks)."""
+        hits = conversation_hits(messages, lang, self.lexicon_dir)
+        return result_from_hits(joint, hits, sorted({h.lexicon for h in hits}))
+
     def _result(self, text: str, lang: str, p: npt.NDArray[np.float32], sn: SafetyNetResult,
                 contrib: tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]] | None) -> TextResult:
         th = self._thresholds_for(lang)
@@ -376,7 +382,7 @@ class TextRiskModel:
         th = self._thresholds_for(conv_lang)
         win_probs = self._predict_joined(parts) if windows else np.zeros((0, len(HEADS)), np.float32)
         win_tiers = [tier_from_probs(p, th) for p, w in zip(win_probs, windows) if w.strip()]
-        sn = self._scan(joint, conv_lang)
+        sn = self._scan_conversation(messages, joint, conv_lang)
 
         starts: list[int] = []
         pos = 0

@@ -106,13 +106,107 @@ class SafetyNetResult:
         return bool(self.evidence)
 
 
-def _compile(expr: Any, where: str) -> re.Pattern[str]:
+def _compile(expr: Any, where: str, *, line_local: bool = False) -> re.Pattern[str]:
     if not isinstance(expr, str) or not expr:
         raise RulesError(f"{where}: expected a non-empty regular expression")
     try:
-        return re.compile(expr)
+        rx = re.compile(expr)
     except re.error as exc:
         raise RulesError(f"{where}: invalid regular expression: {exc}") from exc
+    if line_local:
+        why = line_crossing(expr)
+        if why is not None:
+            raise RulesError(f"{where}: a pattern must stay within one line (a conversation is scanned message "
+                             f"by message), but it {why}")
+    return rx
+
+
+# What each character-class category says about a line break ("\n").
+_CATEGORY_HAS_NEWLINE = {name: re.match(rx, "\n") is not None for name, rx in (
+    ("CATEGORY_DIGIT", r"\d"), ("CATEGORY_NOT_DIGIT", r"\D"), ("CATEGORY_SPACE", r"\s"),
+    ("CATEGORY_NOT_SPACE", r"\S"), ("CATEGORY_WORD", r"\w"), ("CATEGORY_NOT_WORD", r"\W"))}
+
+
+def line_crossing(expr: str) -> str | None:
+    """Why ``expr`` could match or look across a line break (None when it cannot): a character that
+    can be a line break (``\\n``, ``\\s``, ``[^x]``, ``.`` under DOTALL), also inside a look-around, or a
+    ``^``/``$``/``\\A``/``\\Z`` anchor (which a message and the conversation it is part of see differently).
+    Word boundaries are fine: a line break and the end of the text are both non-word."""
+    import importlib
+
+    sre: Any = importlib.import_module("re._constants")  # the parser behind re.compile (no public API)
+    parsed = importlib.import_module("re._parser").parse(expr)
+
+    def category_has_newline(cat: Any) -> bool:
+        name = str(cat).replace("UNI_", "")
+        if name not in _CATEGORY_HAS_NEWLINE:
+            raise ValueError(name)
+        return _CATEGORY_HAS_NEWLINE[name]
+
+    def in_has_newline(items: Any) -> bool:
+        negate, found = False, False
+        for op, av in items:
+            if op is sre.NEGATE:
+                negate = True
+            elif op is sre.LITERAL:
+                found |= av == 10
+            elif op is sre.RANGE:
+                found |= av[0] <= 10 <= av[1]
+            elif op is sre.CATEGORY:
+                found |= category_has_newline(av)
+            else:
+                raise ValueError(str(op))
+        return found != negate
+
+    def walk(items: Any, dotall: bool) -> str | None:
+        for op, av in items:
+            if op is sre.LITERAL:
+                bad = av == 10
+            elif op is sre.NOT_LITERAL:
+                bad = av != 10
+            elif op is sre.ANY:
+                bad = dotall
+            elif op is sre.IN:
+                bad = in_has_newline(av)
+            elif op is sre.AT:
+                if av in (sre.AT_BOUNDARY, sre.AT_NON_BOUNDARY):
+                    continue
+                return "uses a start/end anchor (^, $, \\A or \\Z)"
+            elif op is sre.BRANCH:
+                for branch in av[1]:
+                    if (why := walk(branch, dotall)) is not None:
+                        return why
+                continue
+            elif op is sre.SUBPATTERN:
+                _, add, remove, sub = av
+                on = (dotall or bool(add & sre.SRE_FLAG_DOTALL)) and not remove & sre.SRE_FLAG_DOTALL
+                if (why := walk(sub, on)) is not None:
+                    return why
+                continue
+            elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+                if (why := walk(av[2], dotall)) is not None:
+                    return why
+                continue
+            elif op in (sre.ASSERT, sre.ASSERT_NOT):
+                if (why := walk(av[1], dotall)) is not None:
+                    return why
+                continue
+            elif op is sre.ATOMIC_GROUP:
+                if (why := walk(av, dotall)) is not None:
+                    return why
+                continue
+            elif op is sre.GROUPREF:
+                continue  # repeats what its group matched, which is checked where the group is
+            else:
+                return f"uses {op}, which this check does not know"
+            if bad:
+                return "can match a line break"
+        return None
+
+    try:
+        return walk(parsed, bool(parsed.state.flags & sre.SRE_FLAG_DOTALL))
+    except ValueError as exc:
+        return f"uses {exc}, which this check does not know"
 
 
 def parse_lexicon(data: Mapping[str, Any], where: str = "lexicon") -> Lexicon:
@@ -150,13 +244,17 @@ def parse_lexicon(data: Mapping[str, Any], where: str = "lexicon") -> Lexicon:
         discount = frozenset(p.get("discount", DISCOUNTS))
         if not discount <= set(DISCOUNTS):
             raise RulesError(f"{pw} ({pid}): unknown discount in {sorted(discount)}")
-        patterns.append(Pattern(id=pid, kind=kind, regex=_compile(p["regex"], f"{pw} ({pid})"), tier=tier,
+        patterns.append(Pattern(id=pid, kind=kind, regex=_compile(p["regex"], f"{pw} ({pid})", line_local=True), tier=tier,
                                 flag=flag, context=bool(p.get("context", False)), discount=discount))
+    for key in ("negation_breaks", "clause_breaks"):
+        if isinstance(data[key], str) and re.fullmatch(data[key], "\n") is None:
+            raise RulesError(f"{where}: {key} must include the line break (\\n): a scope never crosses a line")
     subjects = data["subjects"]
     return Lexicon(
         id=str(data["id"]), version=str(data["version"]), lang=str(data["lang"]), title=str(data.get("title", "")),
         patterns=tuple(patterns),
-        idioms=tuple(_compile(x, f"{where}: idioms[{i}]") for i, x in enumerate(data.get("idioms") or ())),
+        idioms=tuple(_compile(x, f"{where}: idioms[{i}]", line_local=True)
+                     for i, x in enumerate(data.get("idioms") or ())),
         negation_cues=_compile(data["negation_cues"], f"{where}: negation_cues"),
         negation_breaks=_compile(data["negation_breaks"], f"{where}: negation_breaks"),
         clause_breaks=_compile(data["clause_breaks"], f"{where}: clause_breaks"),
@@ -345,21 +443,62 @@ def tier_of(kinds: Sequence[str], hits: Sequence[Hit]) -> RiskTier | None:
     return tier
 
 
-def scan_hits(text: str, lang: str | None = None, lexicon_dir: Path = LEXICON_DIR) -> list[Hit]:
-    """Every match of the lexicons that apply: the one for ``lang`` (or the detected language) and,
-    for mixed text, the other one too (Chinese characters -> zh lexicon, Latin letters -> en)."""
-    if not text:
-        return []
-    lex = lexicons(lexicon_dir)
+def _languages(text: str, lang: str | None) -> list[str]:
+    """The lexicons that apply to ``text``: the one for ``lang`` (or the detected language) and, for mixed
+    text, the other one too (Chinese characters -> zh lexicon, Latin letters -> en)."""
     primary = lang if lang in LANGS else detect_lang(text)
-    use = [primary]
     other = "en" if primary == "zh" else "zh"
     if (other == "zh" and has_cjk(text)) or (other == "en" and has_latin(text)):
-        use.append(other)
-    norm = normalise(text)
+        return [primary, other]
+    return [primary]
+
+
+CACHED_MESSAGE_CHARS = 2000  # longer messages (rare in chat) are scanned each time rather than kept
+
+
+@lru_cache(maxsize=16384)
+def _cached_message_hits(lexicon_dir: Path, code: str, norm: str) -> tuple[Hit, ...]:
+    return tuple(_scan_lexicon(lexicons(lexicon_dir)[code], norm))
+
+
+def _message_hits(lexicon_dir: Path, code: str, norm: str) -> tuple[Hit, ...]:
+    """One lexicon's raw hits (before context and de-duplication) in one normalised message. Cached for
+    chat-sized messages: a conversation's earlier messages are scanned again with each new one."""
+    if len(norm) > CACHED_MESSAGE_CHARS:
+        return tuple(_scan_lexicon(lexicons(lexicon_dir)[code], norm))
+    return _cached_message_hits(lexicon_dir, code, norm)
+
+
+def scan_hits(text: str, lang: str | None = None, lexicon_dir: Path = LEXICON_DIR) -> list[Hit]:
+    """Every match of the lexicons that apply (see ``_languages``) in one text."""
+    if not text:
+        return []
+    return conversation_hits([text], lang, lexicon_dir)
+
+
+def conversation_hits(messages: Sequence[str], lang: str | None = None,
+                      lexicon_dir: Path = LEXICON_DIR) -> list[Hit]:
+    """The hits of ``"\\n".join(messages)``, with offsets into that joined text, found message by message.
+
+    Exactly what scanning the joined text finds: no pattern or idiom can match or look across a line
+    break (``parse_lexicon`` refuses one that could), and every negation, subject and clause scope ends at
+    one (the break patterns include ``\\n``); what does cross messages, a ``context: true`` pattern near an
+    anchor in another message, is applied to the whole conversation after. Each message's own scan is
+    cached, so a conversation of n messages costs one new message's scan, not n."""
+    joint = "\n".join(messages)
+    if not joint:
+        return []
+    lex = lexicons(lexicon_dir)
+    norms = [normalise(m) for m in messages]
     hits: list[Hit] = []
-    for code in use:
-        hits += _scan_lexicon(lex[code], norm)
+    for code in _languages(joint, lang):
+        start = 0
+        for norm in norms:
+            for h in _message_hits(lexicon_dir, code, norm):
+                hits.append(h if start == 0 else
+                            Hit(h.start + start, h.end + start, h.kind, h.pattern_id, h.status, h.lexicon, h.tier,
+                                h.flag))
+            start += len(norm) + 1
     return _dedupe(_apply_context(hits, lex))
 
 

@@ -57,3 +57,31 @@ def test_missing_version_is_refused() -> None:
 def test_missing_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RulesError, match="not found"):
         load_lexicon(tmp_path / "zh.yaml")
+
+
+@pytest.mark.parametrize("regex", [r"计划[^，。]{0,8}自杀", r"kill\s+myself", r"(?s)die.*tonight", r"想死$", r"^goodbye",
+                                   r"(?=\n)die", r"bye(?<=\s)", r"\Dpills"])
+def test_a_pattern_that_could_cross_a_line_break_is_refused(regex: str) -> None:
+    doc = _doc("zh")
+    doc["patterns"][0]["regex"] = regex
+    with pytest.raises(RulesError, match="stay within one line"):
+        parse_lexicon(doc)
+    doc = _doc("en")
+    doc["idioms"] = [regex]
+    with pytest.raises(RulesError, match="stay within one line"):
+        parse_lexicon(doc)
+
+
+@pytest.mark.parametrize("regex", [r"计划[^，。\n]{0,8}自杀", r"kill[ \t]+myself", r"\bdie\b", r"想死(?![^\n])",
+                                   r"(a)\1", r"[\w]+ pills"])
+def test_line_local_patterns_are_accepted(regex: str) -> None:
+    doc = _doc("zh")
+    doc["patterns"][0]["regex"] = regex
+    parse_lexicon(doc)
+
+
+def test_scopes_must_end_at_a_line_break() -> None:
+    doc = _doc("en")
+    doc["clause_breaks"] = "[.!?;]"
+    with pytest.raises(RulesError, match="clause_breaks must include the line break"):
+        parse_lexicon(doc)

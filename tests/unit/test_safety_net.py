@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cds.domain import RiskTier
 from cds.nlp import safety_net_scan
@@ -204,3 +206,36 @@ def test_the_3am_message_is_imminent_whatever_the_model_says(text: str) -> None:
     result = safety_net_scan(text)
     assert result.tier == RiskTier.IMMINENT
     assert "preparatory_act" in result.kinds or {"means", "timing"} <= set(result.kinds)
+
+
+# -- a conversation scanned message by message is the conversation scanned whole ----------------------
+_FRAGMENTS = ["我想死", "我不想死", "我朋友说她想自杀", "笑死我了", "“我想死”这首歌", "我已经攒够了安眠药", "今晚", "这周末",
+              "计划", "跳楼", "再见了", "他们都得死", "I want to die", "I would never kill myself",
+              "my friend said she wants to die", "this homework is killing me", "I have saved up the pills", "tonight",
+              "goodbye everyone", "but", "I'll kill him", "pills", "，", "。", "!", " ", "\n", '"', "不", "吃多少片",
+              "会死吗", "😂", "ＩＭ", "don’t", "去死"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages=st.lists(st.lists(st.sampled_from(_FRAGMENTS), max_size=6).map("".join), min_size=1, max_size=6),
+       lang=st.sampled_from([None, "zh", "en"]))
+def test_conversation_scan_equals_scanning_the_joined_text(messages: list[str], lang: str | None) -> None:
+    from cds.nlp.safety_net import (LEXICON_DIR, _apply_context, _dedupe, _languages, _scan_lexicon,
+                                    conversation_hits, lexicons)
+    from cds.nlp.text import normalise
+
+    joint = "\n".join(messages)
+    lex = lexicons(LEXICON_DIR)
+    norm = normalise(joint)
+    whole = [h for code in _languages(joint, lang) for h in _scan_lexicon(lex[code], norm)] if joint else []
+    assert conversation_hits(messages, lang) == (_dedupe(_apply_context(whole, lex)) if joint else [])
+
+
+def test_context_crosses_messages_in_a_conversation() -> None:
+    from cds.nlp.safety_net import conversation_hits
+
+    # "tonight" alone is not risk; after "I have saved up the pills" in the message before, it is timing
+    alone = [h for h in conversation_hits(["tonight is the night"], "en") if h.counted]
+    together = [h for h in conversation_hits(["I have saved up the pills", "tonight is the night"], "en") if h.counted]
+    assert not alone
+    assert {h.kind for h in together} >= {"timing"}
