@@ -46,12 +46,50 @@ def deliver_outbox(service: Service, max_batches: int = 50) -> int:
     return sent
 
 
+class OneAtATime:
+    """Run a job in one thread of this process at a time. A caller that finds it running does not wait
+    and does not run it beside it (two threads would only share one GIL and the same rows): it asks the
+    running one to go round once more, so work that arrived meanwhile is not left for the next tick."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._running = False
+        self._again = False
+
+    def run(self, fn: Any) -> Any:
+        with self._guard:
+            if self._running:
+                self._again = True
+                return None
+            self._running = True
+        try:
+            while True:
+                with self._guard:
+                    self._again = False
+                result = fn()
+                with self._guard:
+                    if not self._again:
+                        self._running = False
+                        return result
+        except BaseException:
+            with self._guard:
+                self._running = False
+            raise
+
+
+def assess_pending(service: Service) -> int:
+    """The scheduled form of ``process_pending_events``: one thread per process (see OneAtATime)."""
+    gate: OneAtATime = service.extras.setdefault("assess_gate", OneAtATime())
+    done = gate.run(lambda: process_pending_events(service))
+    return int(done or 0)
+
+
 def poll_and_assess(service: Service) -> int:
     """The worker's latency-critical job: read new input from the EHR and assess it at once.
     Delivery runs as its own job, so a slow EHR write never delays the next poll."""
     poll_all(service.pool, service.fhir, service.pipeline, page_size=service.settings.poll_page_size,
              overlap_s=service.settings.poll_overlap_s)
-    return process_pending_events(service)
+    return assess_pending(service)
 
 
 def ingest_cycle(service: Service) -> dict[str, int]:
@@ -129,7 +167,7 @@ def build_scheduler(service: Service) -> BackgroundScheduler:
     s = service.settings
     scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
     scheduler.add_job(_safely(poll_and_assess, service), "interval", seconds=s.poll_interval_s, id="poll_and_assess")
-    scheduler.add_job(_safely(process_pending_events, service), "interval", seconds=0.5, id="process_events")
+    scheduler.add_job(_safely(assess_pending, service), "interval", seconds=0.5, id="process_events")
     # Up to three deliveries at once (rows are claimed with SKIP LOCKED, one patient's rows stay in order):
     # a write-back waits for the EHR's answer, and others need not wait behind it.
     scheduler.add_job(_safely(deliver_outbox, service), "interval", seconds=s.outbox_interval_s, id="outbox",

@@ -22,9 +22,22 @@ import numpy.typing as npt
 
 from cds.domain import FLAG_HARM_TO_OTHERS, FLAG_VICTIMISATION, Evidence, RiskTier, Signal
 from cds.errors import InputError, ModelError
-from cds.nlp.features import FeatureConfig, edge_words, featurise_counts, ngram_spans, prefix_counts, text_counts
-from cds.nlp.safety_net import (LEXICON_DIR, SafetyNetResult, conversation_hits, lexicons, result_from_hits,
-                                 scan_hits)
+from cds.nlp.features import (
+    FeatureConfig,
+    edge_words,
+    featurise_counts,
+    ngram_spans,
+    prefix_counts,
+    text_counts,
+)
+from cds.nlp.safety_net import (
+    LEXICON_DIR,
+    SafetyNetResult,
+    conversation_hits,
+    lexicons,
+    result_from_hits,
+    scan_hits,
+)
 from cds.nlp.text import detect_lang
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
@@ -40,7 +53,7 @@ CONTEXT_MESSAGES = 10  # messages the model reads together in a conversation win
 # not speed up (measured: 4,330 vs 4,320 messages/s batched), while onnxruntime's default pool (one thread per
 # core) spins between runs and burned ~5 ms of CPU per assessed message that PostgreSQL and the EHR needed.
 INTRA_OP_THREADS = 1
-CACHE_TEXTS = 8192  # per-message results kept: a conversation's earlier messages are read again with each new one
+CACHE_TEXTS = 65536  # per-message results kept: a conversation's earlier messages are read again with each new one
 
 
 class _Lru:

@@ -456,7 +456,7 @@ def _languages(text: str, lang: str | None) -> list[str]:
 CACHED_MESSAGE_CHARS = 2000  # longer messages (rare in chat) are scanned each time rather than kept
 
 
-@lru_cache(maxsize=16384)
+@lru_cache(maxsize=131072)
 def _cached_message_hits(lexicon_dir: Path, code: str, norm: str) -> tuple[Hit, ...]:
     return tuple(_scan_lexicon(lexicons(lexicon_dir)[code], norm))
 
