@@ -71,6 +71,14 @@ class StoreError(CdsError):
     issue_code = "transient"
 
 
+class NotAssessed(CdsError):
+    """The input is stored but its assessment failed; the workers retry it. Never an answer of "no risk"."""
+
+    http_status = 503
+    issue_code = "transient"
+    retry_after_s = 30
+
+
 class EhrError(CdsError):
     """The EHR answered with an error or could not be reached."""
 

@@ -20,10 +20,10 @@ from psycopg_pool import ConnectionPool
 from cds.domain import FLAG_INDETERMINATE, Assessment, Event, Evidence, History, RiskTier, Signal
 from cds.errors import CdsError, CryptoError, InputError
 from cds.settings import Settings
+from cds.storage_health import is_storage_error, storage_watch
 from cds.store import assessments as assessment_store
 from cds.store import events as event_store
 from cds.store import outbox
-from cds.storage_health import is_storage_error, storage_watch
 from cds.store.cipher import Cipher
 
 log = logging.getLogger(__name__)
@@ -244,10 +244,9 @@ class Pipeline:
 
     def _ingest_batch(self, resources: Sequence[Any], *, source: str, actor: str) -> list[IngestResult]:
         audits: list[dict[str, Any]] = []
-        with self.pool.connection() as conn:
-            with conn.transaction():
-                results = self._store_inputs(conn, resources, source, actor, audits)
-                _append_audits(conn, audits)
+        with self.pool.connection() as conn, conn.transaction():
+            results = self._store_inputs(conn, resources, source, actor, audits)
+            _append_audits(conn, audits)
         stored = sum(1 for r in results if r.event_id is not None and not r.duplicate)
         if stored:
             log.info("events stored", extra={"count": stored, "source": source})
@@ -257,18 +256,33 @@ class Pipeline:
                            ) -> tuple[IngestResult, Processed | None]:
         """Store one input and assess it in the same transaction (the screening API's synchronous path):
         the caller gets its answer only once both are committed, and a failure leaves nothing half done
-        (a failed assessment leaves the event stored and pending for the workers)."""
-        with storage_watch(), self.pool.connection() as conn, conn.transaction():
+        (a failed assessment leaves the event stored and pending for the workers).
+
+        Tried first without a savepoint (two round trips fewer); if the assessment fails, that
+        transaction rolls back and the input is stored again with the assessment under a savepoint."""
+        with storage_watch():
+            try:
+                result, processed = self._ingest_and_process(resource, source, actor, guarded=False)
+            except EVENT_ERRORS as exc:
+                if is_storage_error(exc):
+                    raise
+                result, processed = self._ingest_and_process(resource, source, actor, guarded=True)
+        if processed is not None:
+            _log_processed([processed])
+        return result, processed
+
+    def _ingest_and_process(self, resource: Any, source: str, actor: str, *, guarded: bool
+                            ) -> tuple[IngestResult, Processed | None]:
+        with self.pool.connection() as conn, conn.transaction():
             audits: list[dict[str, Any]] = []
             result = self._store_inputs(conn, [resource], source, actor, audits)[0]
             processed = None
             if result.event_id is not None and not result.duplicate and result.event is not None:
                 # Inserted by this transaction: no other worker can see it, let alone claim it.
                 stored = event_store.StoredEvent(id=result.event_id, attempts=0, event=result.event)
-                processed = self._process_guarded(conn, stored, audits)
+                processed = (self._process_guarded(conn, stored, audits) if guarded
+                             else self._process(conn, stored, audits))
             _append_audits(conn, audits)
-        if processed is not None:
-            _log_processed([processed])
         return result, processed
 
     def _store_inputs(self, conn: psycopg.Connection[Any], resources: Sequence[Any], source: str, actor: str,

@@ -39,8 +39,12 @@ def init_app(app: Flask) -> None:
             from flask import render_template
 
             return render_template("error.html", status=exc.http_status, message=str(exc)), exc.http_status
-        return outcome_response(exc.http_status, exc.issue_code, str(exc) if exc.http_status < 500
-                                else exc.__class__.__name__)
+        retry_after = getattr(exc, "retry_after_s", None)
+        response = outcome_response(exc.http_status, exc.issue_code, str(exc) if exc.http_status < 500
+                                    or retry_after is not None else exc.__class__.__name__)
+        if retry_after is not None:  # a message of ours, without PHI, that tells the client what to do
+            response.headers["Retry-After"] = str(retry_after)
+        return response
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:

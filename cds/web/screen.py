@@ -14,7 +14,7 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 
 from cds.domain import FLAG_HARM_TO_OTHERS, FLAG_INDETERMINATE, Assessment, RiskTier
-from cds.errors import InputError
+from cds.errors import InputError, NotAssessed
 from cds.store import clients
 from cds.web import service
 from cds.web.api import api_client
@@ -121,7 +121,8 @@ def screen() -> Any:
             time.sleep(0.02)
             assessment, alert_ids = _stored_result(svc, result.event_id)
     if assessment is None:
-        raise InputError("the message could not be assessed; it is kept and will be retried")
+        raise NotAssessed("the message is stored but could not be assessed now; it will be assessed again, "
+                          "and an alert raised if it carries risk: until then, treat it as not yet screened")
     locale = "zh-CN" if (body.get("lang") or "").startswith("zh") else svc.settings.default_locale
     verdict = directive(assessment)
     last = f"#{_last_index(assessment)}"  # the request's own message

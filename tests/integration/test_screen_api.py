@@ -79,3 +79,39 @@ def test_missing_or_wrong_key_is_401_and_the_rate_limit_is_429(client: Any, api_
     service.settings = replace(service.settings, screen_rate_per_min=3)
     statuses = [_screen(client, api_key, {**msg, "message_id": str(i)}).status_code for i in range(5)]
     assert statuses[:3] == [200, 200, 200] and statuses[-1] == 429
+
+
+def test_a_failed_assessment_is_a_503_the_message_is_kept_and_the_workers_assess_it(
+        client: Any, api_key: str, service: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fault injection (the only stand-in in this file): the rule engine fails once, as a bug or a bad
+    # rule deployment would. Nothing real fails on demand here.
+    from cds.errors import RulesError
+
+    ruleset = service.engines.ruleset
+    real = ruleset.evaluate
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RulesError("rule engine failure (injected)")
+
+    monkeypatch.setattr(ruleset, "evaluate", broken)
+    body = {"patient": "Patient/p-fail", "conversation": "c-fail", "message": "我已经攒够了安眠药，打算这周末全部吃掉"}
+    r = client.post("/api/v1/screen", json=body, headers={"Authorization": f"Bearer {api_key}"})
+    assert r.status_code == 503 and r.headers["Retry-After"]
+    assert r.get_json()["resourceType"] == "OperationOutcome"
+    assert "not yet screened" in r.get_json()["issue"][0]["diagnostics"]
+    with service.pool.connection() as conn:
+        status, attempts = conn.execute("SELECT status, attempts FROM events WHERE patient_ref = 'Patient/p-fail'"
+                                        ).fetchone()
+    assert (status, attempts) == ("pending", 1)  # stored once, the failure counted
+    monkeypatch.setattr(ruleset, "evaluate", real)
+    with service.pool.connection() as conn:
+        conn.execute("UPDATE events SET retry_at = NULL WHERE patient_ref = 'Patient/p-fail'")
+        conn.commit()
+    service.pipeline.process_pending()
+    with service.pool.connection() as conn:
+        tier, status = conn.execute(
+            "SELECT a.tier, e.status FROM assessments a JOIN events e ON e.id = a.event_id"
+            " WHERE e.patient_ref = 'Patient/p-fail' AND NOT a.shadow").fetchone()
+    assert status == "done" and tier >= 3
+    again = client.post("/api/v1/screen", json=body, headers={"Authorization": f"Bearer {api_key}"})
+    assert again.status_code == 200 and again.get_json()["duplicate"] and again.get_json()["tier"] in ("high", "imminent")
