@@ -403,8 +403,8 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     # the highest steady rate these 2 cores keep up with (found by trying; BENCH_STEADY_RATE to change it)
     "ingest_steady": lambda: bench_ingest(
         int(os.environ.get("BENCH_PATIENTS", "2000")),
-        int(float(os.environ.get("BENCH_STEADY_RATE", "140")) * float(os.environ.get("BENCH_DURATION_S", "120"))),
-        workers=int(os.environ.get("BENCH_WORKERS", "2")), rate=float(os.environ.get("BENCH_STEADY_RATE", "140")),
+        int(float(os.environ.get("BENCH_STEADY_RATE", "170")) * float(os.environ.get("BENCH_DURATION_S", "120"))),
+        workers=int(os.environ.get("BENCH_WORKERS", "2")), rate=float(os.environ.get("BENCH_STEADY_RATE", "170")),
         mode="subscription"),
     "ingest_polled": lambda: bench_ingest(
         int(os.environ.get("BENCH_PATIENTS", "2000")),
