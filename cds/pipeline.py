@@ -8,11 +8,12 @@ commit in one transaction, so a crash loses nothing and a retry doubles nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -32,6 +33,7 @@ LOOKBACK_DAYS = 14
 HISTORY_TTL = timedelta(hours=24)
 HISTORY_RETRY = timedelta(minutes=10)
 Clock = Callable[[], datetime]
+_T = TypeVar("_T")
 HistorySource = Callable[[str], Any]  # patient ref -> integrations.fhir.history.PatientHistory | None
 
 
@@ -59,7 +61,7 @@ class Engines:
         text_model = load_text_model(settings)
         return cls(instruments=catalog, ruleset=ruleset, shadow_rulesets=shadows, text_model=text_model)
 
-    @property
+    @functools.cached_property
     def lookback_signals(self) -> frozenset[str]:
         """Earlier signals any rule (live or shadow) counts; the only ones read back from the store."""
         names: frozenset[str] = self.ruleset.lookback_signals
@@ -98,9 +100,9 @@ def _text_signals(engines: Engines, text: str, context: Sequence[str], ref: str)
         result = engines.text_model.assess_conversation([*context, text])
         return list(result.signals(ref))
     # Degraded: the deterministic safety net still runs, and the result says the model is missing.
-    from cds.nlp import safety_net_scan
+    from cds.nlp.safety_net import conversation_scan
 
-    scan = safety_net_scan("\n".join([*context, text]))
+    scan = conversation_scan([*context, text])
     source = ",".join(scan.lexicons) or "lexicon"
     evidence = tuple(Evidence(e.start, e.end, e.kind, ref=ref, source=e.source, text=e.text) for e in scan.evidence)
     signals = [Signal(name="text.tier", value=scan.tier.label if scan.tier is not None else None, source=source,
@@ -206,6 +208,21 @@ ALERT_ACTIONS = {"nurse_alert": "risk", "discordance_alert": "discordance"}
 EVENT_ERRORS = (CdsError, CryptoError, psycopg.Error, ValueError, KeyError, TypeError)
 
 
+def _savepoints_only_if_needed(run: Callable[[bool], _T]) -> _T:
+    """``run(False)``: one transaction without a savepoint per event (two round trips fewer each). If an
+    event fails, that transaction has rolled back as a whole; ``run(True)`` does the work again with a
+    savepoint per event, so the failing event is counted and the others are kept. A full disk is not an
+    event's fault: it propagates."""
+    try:
+        return run(False)
+    except EVENT_ERRORS as exc:
+        if is_storage_error(exc):
+            raise
+        log.warning("an event failed: its transaction rolled back; doing it again event by event",
+                    extra={"error": exc.__class__.__name__})
+        return run(True)
+
+
 def _log_processed(results: Sequence[Processed]) -> None:
     """After the commit: one line per batch (counts and tiers, no PHI), one DEBUG line per event."""
     if not results:
@@ -261,12 +278,8 @@ class Pipeline:
         Tried first without a savepoint (two round trips fewer); if the assessment fails, that
         transaction rolls back and the input is stored again with the assessment under a savepoint."""
         with storage_watch():
-            try:
-                result, processed = self._ingest_and_process(resource, source, actor, guarded=False)
-            except EVENT_ERRORS as exc:
-                if is_storage_error(exc):
-                    raise
-                result, processed = self._ingest_and_process(resource, source, actor, guarded=True)
+            result, processed = _savepoints_only_if_needed(
+                lambda guarded: self._ingest_and_process(resource, source, actor, guarded=guarded))
         if processed is not None:
             _log_processed([processed])
         return result, processed
@@ -337,16 +350,9 @@ class Pipeline:
         event fails, that whole transaction rolls back and the batch runs again with a savepoint per
         event, so the failing event is counted and parked while the others are assessed.
         """
+        size = limit or self.settings.worker_batch_size
         with storage_watch():
-            size = limit or self.settings.worker_batch_size
-            try:
-                results = self._process_batch(size, guarded=False)
-            except EVENT_ERRORS as exc:
-                if is_storage_error(exc):
-                    raise
-                log.warning("batch rolled back: an event failed; processing it again event by event",
-                            extra={"error": exc.__class__.__name__})
-                results = self._process_batch(size, guarded=True)
+            results = _savepoints_only_if_needed(lambda guarded: self._process_batch(size, guarded=guarded))
         _log_processed(results)
         return results
 

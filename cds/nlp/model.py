@@ -30,14 +30,7 @@ from cds.nlp.features import (
     prefix_counts,
     text_counts,
 )
-from cds.nlp.safety_net import (
-    LEXICON_DIR,
-    SafetyNetResult,
-    conversation_hits,
-    lexicons,
-    result_from_hits,
-    scan_hits,
-)
+from cds.nlp.safety_net import LEXICON_DIR, SafetyNetResult, conversation_scan, lexicons, safety_net_scan
 from cds.nlp.text import detect_lang
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
@@ -340,13 +333,7 @@ class TextRiskModel:
         return [found[k] for k in keys]
 
     def _scan(self, text: str, lang: str) -> SafetyNetResult:
-        hits = scan_hits(text, lang, self.lexicon_dir)
-        return result_from_hits(text, hits, sorted({h.lexicon for h in hits}))
-
-    def _scan_conversation(self, messages: Sequence[str], joint: str, lang: str) -> SafetyNetResult:
-        """The safety net on the whole conversation (``joint`` = the messages joined by line breaks)."""
-        hits = conversation_hits(messages, lang, self.lexicon_dir)
-        return result_from_hits(joint, hits, sorted({h.lexicon for h in hits}))
+        return safety_net_scan(text, lang, self.lexicon_dir)
 
     def _result(self, text: str, lang: str, p: npt.NDArray[np.float32], sn: SafetyNetResult,
                 contrib: tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]] | None) -> TextResult:
@@ -395,7 +382,7 @@ class TextRiskModel:
         th = self._thresholds_for(conv_lang)
         win_probs = self._predict_joined(parts) if windows else np.zeros((0, len(HEADS)), np.float32)
         win_tiers = [tier_from_probs(p, th) for p, w in zip(win_probs, windows) if w.strip()]
-        sn = self._scan_conversation(messages, joint, conv_lang)
+        sn = conversation_scan(messages, conv_lang, self.lexicon_dir)
 
         starts: list[int] = []
         pos = 0

@@ -469,13 +469,6 @@ def _message_hits(lexicon_dir: Path, code: str, norm: str) -> tuple[Hit, ...]:
     return _cached_message_hits(lexicon_dir, code, norm)
 
 
-def scan_hits(text: str, lang: str | None = None, lexicon_dir: Path = LEXICON_DIR) -> list[Hit]:
-    """Every match of the lexicons that apply (see ``_languages``) in one text."""
-    if not text:
-        return []
-    return conversation_hits([text], lang, lexicon_dir)
-
-
 def conversation_hits(messages: Sequence[str], lang: str | None = None,
                       lexicon_dir: Path = LEXICON_DIR) -> list[Hit]:
     """The hits of ``"\\n".join(messages)``, with offsets into that joined text, found message by message.
@@ -513,9 +506,13 @@ def result_from_hits(text: str, hits: Sequence[Hit], langs_used: Sequence[str]) 
                            lexicons=tuple(sorted(set(langs_used))))
 
 
+def conversation_scan(messages: Sequence[str], lang: str | None = None,
+                      lexicon_dir: Path = LEXICON_DIR) -> SafetyNetResult:
+    """The safety net on a conversation joined by line breaks (offsets into the joined text)."""
+    hits = conversation_hits(messages, lang, lexicon_dir)
+    return result_from_hits("\n".join(messages), hits, sorted({h.lexicon for h in hits}))
+
+
 def safety_net_scan(text: str, lang: str | None = None, lexicon_dir: Path = LEXICON_DIR) -> SafetyNetResult:
     """Scan one text (any length: the whole text is scanned) with the safety-net lexicons."""
-    hits = scan_hits(text, lang, lexicon_dir)
-    lex = lexicons(lexicon_dir)
-    used = sorted({lx.ref for lx in lex.values() if any(h.lexicon == lx.ref for h in hits)})
-    return result_from_hits(text, hits, used)
+    return conversation_scan([text], lang, lexicon_dir)

@@ -55,20 +55,16 @@ def recent_signals(conn: psycopg.Connection[Any], patient_ref: str, since: datet
                    names: Collection[str] | None = None) -> list[Signal]:
     """Earlier live signals of this patient (from the non-PHI summary), oldest first; only those named
     in ``names`` when given (the ones rules count: a chatty patient's history is mostly other signals)."""
-    if names is None:
-        query = ("SELECT a.created_at, s FROM assessments a, jsonb_array_elements(a.signal_summary)"
-                 " WITH ORDINALITY AS x(s, n) WHERE a.patient_ref = %s AND NOT a.shadow AND a.created_at >= %s"
-                 " ORDER BY a.id, x.n")
-        params: tuple[Any, ...] = (patient_ref, since)
-    else:
-        query = ("SELECT a.created_at, s FROM assessments a, jsonb_array_elements(a.signal_summary)"
-                 " WITH ORDINALITY AS x(s, n) WHERE a.patient_ref = %s AND NOT a.shadow AND a.created_at >= %s"
-                 " AND s->>'name' = ANY(%s) ORDER BY a.id, x.n")
-        params = (patient_ref, since, sorted(names))
+    wanted = sorted(names) if names is not None else None
+    rows = conn.execute(
+        "SELECT a.created_at, s FROM assessments a, jsonb_array_elements(a.signal_summary) WITH ORDINALITY AS x(s, n)"
+        " WHERE a.patient_ref = %s AND NOT a.shadow AND a.created_at >= %s"
+        " AND (%s::text[] IS NULL OR s->>'name' = ANY(%s::text[])) ORDER BY a.id, x.n",
+        (patient_ref, since, wanted, wanted))
     return [Signal(name=s["name"], value=s.get("value"), source=s.get("source", ""),
                    tier=RiskTier.from_label(s["tier"]) if s.get("tier") else None,
                    missing=tuple(s.get("missing") or ()), observed_at=created_at)
-            for created_at, s in conn.execute(query, params)]
+            for created_at, s in rows]
 
 
 @dataclass(frozen=True)
