@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -26,6 +26,9 @@ from cds.store import assessments as assessment_store
 from cds.store import events as event_store
 from cds.store import outbox
 from cds.store.cipher import Cipher
+
+if TYPE_CHECKING:
+    from cds.alerts import Alert
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +296,9 @@ class Pipeline:
             if result.event_id is not None and not result.duplicate and result.event is not None:
                 # Inserted by this transaction: no other worker can see it, let alone claim it.
                 stored = event_store.StoredEvent(id=result.event_id, attempts=0, event=result.event)
-                processed = (self._process_guarded(conn, stored, audits) if guarded
-                             else self._process(conn, stored, audits))
+                ids = assessment_store.AssessmentIds(conn, self._assessments_per_event)
+                processed = (self._process_guarded(conn, stored, audits, ids) if guarded
+                             else self._process(conn, stored, audits, ids))
             _append_audits(conn, audits)
         return result, processed
 
@@ -361,19 +365,25 @@ class Pipeline:
         with self.pool.connection() as conn, conn.transaction():
             audits: list[dict[str, Any]] = []
             claimed = event_store.claim_pending(conn, self.cipher, size)
+            ids = assessment_store.AssessmentIds(conn, len(claimed) * self._assessments_per_event)
             # Patient row locks are taken in patient order, so concurrent workers never deadlock.
             for stored in sorted(claimed, key=lambda s: (s.event.patient_ref, s.id)):
-                results.append(self._process_guarded(conn, stored, audits) if guarded
-                               else self._process(conn, stored, audits))
+                results.append(self._process_guarded(conn, stored, audits, ids) if guarded
+                               else self._process(conn, stored, audits, ids))
             _append_audits(conn, audits)
         return results
 
+    @property
+    def _assessments_per_event(self) -> int:
+        """The live assessment and one per shadow rule set."""
+        return 1 + len(self.engines.shadow_rulesets)
+
     def _process_guarded(self, conn: psycopg.Connection[Any], stored: event_store.StoredEvent,
-                         audits: list[dict[str, Any]]) -> Processed:
+                         audits: list[dict[str, Any]], ids: assessment_store.AssessmentIds) -> Processed:
         mark = len(audits)
         try:
             with conn.transaction():
-                return self._process(conn, stored, audits)
+                return self._process(conn, stored, audits, ids)
         except EVENT_ERRORS as exc:
             if is_storage_error(exc):  # not this event's fault: the whole batch waits, nothing counts as tried
                 raise
@@ -416,9 +426,8 @@ class Pipeline:
                        recent_signals=tuple(recent))
 
     def _process(self, conn: psycopg.Connection[Any], stored: event_store.StoredEvent,
-                 audits: list[dict[str, Any]]) -> Processed:
+                 audits: list[dict[str, Any]], ids: assessment_store.AssessmentIds) -> Processed:
         from cds.alerts import get_alert
-        from cds.alerts.mirror import mirror_alert
 
         event = stored.event
         now = self.clock()
@@ -440,23 +449,23 @@ class Pipeline:
             event_store.mark_event(conn, stored.id, "done")
             return Processed(stored.id, "done")
         a = assessed.assessment
-        assessment_id = assessment_store.insert_assessment(
+        assessment_id, *shadow_ids = ids.take(self._assessments_per_event, after=state.last_assessment_id)
+        assessment_store.insert_assessment(
             conn, self.cipher, a, event_id=stored.id, scores=assessed.scores,
-            ruleset_version=self.engines.ruleset.version)
-        for shadow_rs, shadow in zip(self.engines.shadow_rulesets, assessed.shadow):
+            ruleset_version=self.engines.ruleset.version, assessment_id=assessment_id)
+        for shadow_rs, shadow, shadow_id in zip(self.engines.shadow_rulesets, assessed.shadow, shadow_ids):
             assessment_store.insert_assessment(conn, self.cipher, shadow, event_id=stored.id,
                                                scores=assessed.scores, shadow=True,
-                                               ruleset_version=shadow_rs.version)
+                                               ruleset_version=shadow_rs.version, assessment_id=shadow_id)
         assessment_store.raise_patient_tier(conn, event.patient_ref, a.tier, assessment_id)
         alert_ids, changed, priority = self._act_on_alerts(conn, a, assessment_id, now, audits)
         # Written back when it changes what someone must do: an alert opened or raised, the patient's
         # tier rose, or the data is incomplete. Evidence that only joins an open alert stays here (the
         # dashboard shows it), so a long risky conversation does not flood the EHR.
         if changed or a.tier > state.current_tier or (a.indeterminate and a.tier >= RiskTier.LOW):
-            self._enqueue_writeback(conn, a, assessment_id, alert_ids[0] if alert_ids else None, bool(changed),
+            self._enqueue_writeback(conn, a, assessment_id, alert_ids[0] if alert_ids else None,
+                                    [get_alert(conn, alert_id) for alert_id in dict.fromkeys(changed)],
                                     priority, now)
-        for alert_id in changed:  # after the write-back: one patient's outbox rows are delivered in order
-            mirror_alert(conn, self.cipher, get_alert(conn, alert_id), self.settings)
         audits.append(dict(event_type="assessment", action="C", actor="psych-cds",
                      patient_ref=event.patient_ref, outcome=0,
                      entity={"what": event_reference(event), "assessment_id": assessment_id},
@@ -498,15 +507,38 @@ class Pipeline:
         return alert_ids, changed, top_priority
 
     def _enqueue_writeback(self, conn: psycopg.Connection[Any], a: Assessment, assessment_id: int,
-                           alert_id: str | None, new_alert: bool, priority: str, now: datetime) -> None:
+                           alert_id: str | None, changed: Sequence[Alert], priority: str, now: datetime) -> None:
+        """Queue the write-back with the Task of each alert this event opened or raised (``changed``) in
+        the same transaction Bundle: one outbox row and one EHR request instead of one per alert too.
+
+        The Tasks keep their deterministic ids and PUTs, so a retried Bundle writes nothing twice, and
+        the row's dedupe key stays ``assessment:{id}``. Those Task versions get no ``alert:...:task:...``
+        row of their own: only a later transition (which bumps the version) queues one, after this row.
+        A Task that cannot share the transaction is queued alone after it, as every Task was before."""
+        from cds.alerts.mirror import alert_task_bundle, mirror_alert
+        from integrations.fhir.mapping import join_transactions
+
+        bundle = self._writeback_bundle(a, assessment_id, alert_id, bool(changed), priority, now)
+        alone: list[Alert] = []
+        for alert in changed:
+            joined = join_transactions(bundle, alert_task_bundle(alert, self.settings))
+            if joined is None:
+                alone.append(alert)
+            else:
+                bundle = joined
+        outbox.enqueue(conn, self.cipher, dedupe_key=f"assessment:{assessment_id}", kind="assessment-writeback",
+                       patient_ref=a.patient_ref, payload=bundle)
+        for alert in alone:  # after the write-back: one patient's outbox rows are delivered in order
+            mirror_alert(conn, self.cipher, alert, self.settings)
+
+    def _writeback_bundle(self, a: Assessment, assessment_id: int, alert_id: str | None, new_alert: bool,
+                          priority: str, now: datetime) -> dict[str, Any]:
         from integrations.fhir.mapping import writeback_bundle
 
-        bundle = writeback_bundle(
+        return writeback_bundle(
             assessment_id=assessment_id, patient_ref=a.patient_ref, tier=a.tier, probability=a.probability,
             flags=sorted(a.flags), missing=a.missing, reasons=[f.title for f in a.fired], basis=a.basis,
             ruleset_hash=a.ruleset_hash, ruleset_version=self.engines.ruleset.version,
             model_sha256=a.model_sha256, occurred_at=now, alert_id=alert_id, priority=priority,
             care_team_ref=self.settings.care_team_ref,
             dashboard_url=f"{self.settings.public_base_url}/triage", new_alert=new_alert)
-        outbox.enqueue(conn, self.cipher, dedupe_key=f"assessment:{assessment_id}", kind="assessment-writeback",
-                       patient_ref=a.patient_ref, payload=bundle)

@@ -25,22 +25,56 @@ def signal_summary(signal: Signal) -> dict[str, Any]:
             "missing": list(signal.missing), "source": signal.source}
 
 
+ID_SEQUENCE = "assessments_id_seq"  # the sequence behind assessments.id (bigserial, migration 0001)
+
+
+def allocate_ids(conn: psycopg.Connection[Any], n: int) -> list[int]:
+    """``n`` new assessment ids, ascending, in one statement. An assessment's id must be known before
+    its INSERT because the signals' ciphertext binds it (AAD); an id drawn and never used is a gap in
+    the sequence, as after any rolled-back insert."""
+    rows = conn.execute(f"SELECT nextval('{ID_SEQUENCE}') FROM generate_series(1, %s)", (n,)).fetchall()
+    return sorted(int(r[0]) for r in rows)
+
+
+class AssessmentIds:
+    """Ids drawn ahead for one transaction's assessments (a worker batch: up to ``size``), so the batch
+    draws them in one statement and each assessment is then one INSERT."""
+
+    def __init__(self, conn: psycopg.Connection[Any], size: int) -> None:
+        self._conn = conn
+        self._size = max(1, size)
+        self._ids: list[int] = []  # ascending
+
+    def take(self, n: int, *, after: int | None = None) -> list[int]:
+        """``n`` ids, ascending, each above ``after`` (the patient's last assessment id). Ids drawn
+        ahead can be below one another worker has since given this patient; then fresh ones are drawn,
+        so one patient's assessments stay in the order they were made (readers take the highest id as
+        the latest), and the ids drawn ahead are left for other patients."""
+        if after is not None and self._ids and self._ids[0] <= after:
+            return allocate_ids(self._conn, n)
+        if len(self._ids) < n:
+            self._ids += allocate_ids(self._conn, max(self._size, n - len(self._ids)))
+        taken, self._ids = self._ids[:n], self._ids[n:]
+        return taken
+
+
 def insert_assessment(conn: psycopg.Connection[Any], cipher: Cipher, a: Assessment, *, event_id: int | None,
-                      scores: dict[str, Any], shadow: bool = False, ruleset_version: str = "") -> int:
-    row = conn.execute(
-        "INSERT INTO assessments (event_id, patient_ref, tier, probability, flags, missing, scores, fired,"
+                      scores: dict[str, Any], shadow: bool = False, ruleset_version: str = "",
+                      assessment_id: int | None = None) -> int:
+    """Store one assessment in one INSERT. Its id comes first (``assessment_id``, from ``AssessmentIds``;
+    drawn here when not given) so that the signals are sealed with their AAD before the row is written."""
+    if assessment_id is None:
+        assessment_id = allocate_ids(conn, 1)[0]
+    blob = seal_json(cipher, conn, a.patient_ref, [s.to_json() for s in a.signals], _signals_aad(assessment_id))
+    conn.execute(
+        "INSERT INTO assessments (id, event_id, patient_ref, tier, probability, flags, missing, scores, fired,"
         " actions, thresholds, basis, ruleset_hash, ruleset_version, model_sha256, shadow, signals_enc,"
-        " signal_summary) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '\\x', %s)"
-        " RETURNING id",
-        (event_id, a.patient_ref, int(a.tier), a.probability, sorted(a.flags), list(a.missing),
+        " signal_summary) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (assessment_id, event_id, a.patient_ref, int(a.tier), a.probability, sorted(a.flags), list(a.missing),
          json.dumps(scores), json.dumps([f.to_json() for f in a.fired]),
          json.dumps([x.to_json() for x in a.actions]), json.dumps(dict(a.thresholds), default=str),
-         list(a.basis), a.ruleset_hash, ruleset_version, a.model_sha256, shadow,
-         json.dumps([signal_summary(s) for s in a.signals]))).fetchone()
-    assert row is not None
-    assessment_id = int(row[0])
-    blob = seal_json(cipher, conn, a.patient_ref, [s.to_json() for s in a.signals], _signals_aad(assessment_id))
-    conn.execute("UPDATE assessments SET signals_enc = %s WHERE id = %s", (blob, assessment_id))
+         list(a.basis), a.ruleset_hash, ruleset_version, a.model_sha256, shadow, blob,
+         json.dumps([signal_summary(s) for s in a.signals])))
     return assessment_id
 
 
@@ -76,12 +110,13 @@ class PatientState:
     prior_attempt: bool | None = None
     birth_date: date | None = None
     history_checked_at: datetime | None = None
+    last_assessment_id: int | None = None
 
 
 def lock_patient(conn: psycopg.Connection[Any], patient_ref: str, ward: str | None = None) -> PatientState:
     """Serialise work on one patient across workers (row lock), returning the current state."""
-    query = ("SELECT current_tier, tier_since, conditions, prior_attempt, birth_date, history_checked_at"
-             " FROM patients WHERE patient_ref = %s FOR UPDATE")
+    query = ("SELECT current_tier, tier_since, conditions, prior_attempt, birth_date, history_checked_at,"
+             " last_assessment_id FROM patients WHERE patient_ref = %s FOR UPDATE")
     row = conn.execute(query, (patient_ref,)).fetchone()
     if row is None:  # first time this patient is seen (a known patient costs one statement)
         conn.execute("INSERT INTO patients (patient_ref, ward) VALUES (%s, %s) ON CONFLICT DO NOTHING",
@@ -89,7 +124,7 @@ def lock_patient(conn: psycopg.Connection[Any], patient_ref: str, ward: str | No
         row = conn.execute(query, (patient_ref,)).fetchone()
     assert row is not None
     return PatientState(patient_ref, RiskTier(row[0]), row[1],
-                        tuple(row[2]) if row[2] is not None else None, row[3], row[4], row[5])
+                        tuple(row[2]) if row[2] is not None else None, row[3], row[4], row[5], row[6])
 
 
 def save_history(conn: psycopg.Connection[Any], patient_ref: str, conditions: tuple[str, ...],

@@ -3,7 +3,8 @@
 Inbound: ``to_event`` validates a QuestionnaireResponse or Communication (fhir.resources R4B models,
 the R4-compatible ones) and normalises it into an ``Event``; anything else raises ``InputError``
 whose message names the fields at fault but never echoes their values (they may be PHI).
-Outbound: ``writeback_bundle`` builds the transaction Bundle of supervisor alerts for one assessment.
+Outbound: ``writeback_bundle`` builds the transaction Bundle of supervisor alerts for one assessment,
+``task_bundle`` an alert's Task, and ``join_transactions`` sends both as one transaction.
 """
 
 from __future__ import annotations
@@ -316,3 +317,28 @@ def task_bundle(*, alert_id: str, task_version: int, patient_ref: str, status: s
                                     texts=(f"{notify_text[0]} {dashboard_url}", f"{notify_text[1]} {dashboard_url}"))
         entries.append(_entry(comm, f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, ident['value'])}", ident))
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def _entry_targets(entry: Mapping[str, Any]) -> set[str]:
+    """What an entry claims inside its transaction: its fullUrl, and the resource a PUT writes."""
+    targets = {f"fullUrl {entry['fullUrl']}"} if entry.get("fullUrl") else set()
+    request = entry.get("request") or {}
+    if request.get("method") == "PUT":
+        targets.add(f"PUT {request.get('url')}")
+    return targets
+
+
+def join_transactions(bundle: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, Any] | None:
+    """One transaction Bundle holding the entries of both (one HTTP request, one outbox row instead of
+    two); None when they cannot be one: FHIR forbids two entries with one fullUrl, or two writes of one
+    resource, inside a transaction. Each entry keeps its own conditional create or deterministic PUT, so
+    a retried joined Bundle creates nothing twice, as each alone would not."""
+    claimed: set[str] = set()
+    for entry in bundle["entry"]:
+        claimed |= _entry_targets(entry)
+    for entry in other["entry"]:
+        targets = _entry_targets(entry)
+        if targets & claimed:
+            return None
+        claimed |= targets
+    return {**bundle, "entry": [*bundle["entry"], *other["entry"]]}

@@ -110,3 +110,87 @@ def test_history_reads_back_only_the_signals_rules_count(ehr: Any, service: Any)
     # same signals, same order, as the unfiltered read
     assert [(s.name, s.value, s.tier) for s in counted] == \
         [(s.name, s.value, s.tier) for s in everything if s.name in service.engines.lookback_signals]
+
+
+def _transactions_since(ehr: Any, since: int) -> list[dict[str, Any]]:
+    """Transaction Bundles the EHR received since request ``since`` (its request log: methods and types)."""
+    requests = ehr.http.get(f"{ehr.root}/admin/requests", params={"since": since}).json()["requests"]
+    return [r for r in requests if r["method"] == "POST" and r["path"].rstrip("/") == "/fhir"
+            and r.get("bundleType") == "transaction"]
+
+
+def test_an_alert_opened_by_one_message_reaches_the_ehr_in_one_transaction(ehr: Any, service: Any) -> None:
+    from datetime import UTC, datetime
+
+    from cds.alerts.workflow import acknowledge_alert
+
+    pat = ehr.create(patient(mrn="MRN-C-10"))
+    ref = f"Patient/{pat['id']}"
+    ehr.create(chat(ref, "我已经攒够了安眠药，打算这周末全部吃掉"))
+    since = ehr.http.get(f"{ehr.root}/admin/requests").json()["last"]
+    ingest_cycle(service)
+    sent = _transactions_since(ehr, since)
+    assert len(sent) == 1, sent  # write-back and Task: one request, not two
+    assert sorted(sent[0]["entries"]) == ["POST Communication", "POST RiskAssessment", "PUT Flag",
+                                          "PUT Provenance", "PUT Task"]
+    with service.pool.connection() as conn:
+        alert_id, assessment_id = conn.execute("SELECT id::text, assessment_id FROM alerts WHERE patient_ref = %s",
+                                               (ref,)).fetchone()
+        rows = conn.execute("SELECT dedupe_key, kind, status FROM outbox WHERE patient_ref = %s ORDER BY id",
+                            (ref,)).fetchall()
+    assert rows == [(f"assessment:{assessment_id}", "assessment-writeback", "sent")]
+    (task,) = ehr.search("Task", patient=ref)
+    assert task["identifier"][0]["value"] == alert_id and task["status"] == "requested"
+    assert task["priority"] == "stat" and task["focus"]["identifier"]["value"] == str(assessment_id)
+    (ra,) = ehr.search("RiskAssessment", subject=ref)
+    assert len(ehr.search("Flag", subject=ref)) == 1 and len(ehr.search("Communication", subject=ref)) == 2
+    assert any(t["reference"] == f"RiskAssessment/{ra['id']}" for p in ehr.search("Provenance")
+               for t in p["target"])
+
+    # A later transition still queues the Task's next version on its own, after the write-back.
+    with service.pool.connection() as conn:
+        acknowledge_alert(conn, service.cipher, service.settings, alert_id, actor="nurse.li", role="nurse",
+                          now=datetime.now(UTC))
+        conn.commit()
+    ingest_cycle(service)
+    with service.pool.connection() as conn:
+        keys = [r[0] for r in conn.execute("SELECT dedupe_key FROM outbox WHERE patient_ref = %s ORDER BY id",
+                                           (ref,))]
+    assert keys == [f"assessment:{assessment_id}", f"alert:{alert_id}:task:2"]
+    (task,) = ehr.search("Task", patient=ref)
+    assert task["status"] == "accepted"
+
+
+def test_a_raised_alert_sends_its_task_with_the_write_back(ehr: Any, service: Any) -> None:
+    pat = ehr.create(patient(mrn="MRN-C-11"))
+    ref = f"Patient/{pat['id']}"
+    ehr.create(phq9(ref, [1, 1, 1, 1, 1, 1, 1, 1, 1]))
+    ingest_cycle(service)
+    with service.pool.connection() as conn:
+        opened = conn.execute("SELECT priority, task_version FROM alerts WHERE patient_ref = %s AND kind = 'risk'",
+                              (ref,)).fetchone()
+    ehr.create(chat(ref, "我已经攒够了安眠药，打算今晚全部吃掉"))
+    ingest_cycle(service)
+    with service.pool.connection() as conn:
+        raised = conn.execute("SELECT priority, task_version FROM alerts WHERE patient_ref = %s AND kind = 'risk'",
+                              (ref,)).fetchone()
+        kinds = [r[0] for r in conn.execute("SELECT kind FROM outbox WHERE patient_ref = %s", (ref,))]
+    assert opened is not None and opened[0] != "stat" and raised == ("stat", opened[1] + 1)
+    assert kinds == ["assessment-writeback", "assessment-writeback"]  # no alert-task row of its own
+    (task,) = ehr.search("Task", patient=ref)
+    assert task["priority"] == "stat"
+
+
+def test_a_task_that_cannot_share_the_transaction_is_queued_after_it(ehr: Any, service: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from integrations.fhir import mapping
+
+    monkeypatch.setattr(mapping, "join_transactions", lambda bundle, other: None)
+    pat = ehr.create(patient(mrn="MRN-C-12"))
+    ref = f"Patient/{pat['id']}"
+    ehr.create(chat(ref, "我已经攒够了安眠药，打算这周末全部吃掉"))
+    ingest_cycle(service)
+    with service.pool.connection() as conn:
+        rows = conn.execute("SELECT kind, status FROM outbox WHERE patient_ref = %s ORDER BY id", (ref,)).fetchall()
+    assert rows == [("assessment-writeback", "sent"), ("alert-task", "sent")]
+    assert len(ehr.search("Task", patient=ref)) == 1

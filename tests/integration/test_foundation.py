@@ -108,7 +108,7 @@ def test_ehr_outage_queues_the_write_back_and_delivers_it_once(ehr: Any, service
         pending = dict(conn.execute("SELECT kind, max(attempts) FROM outbox WHERE status = 'pending'"
                                     " GROUP BY kind").fetchall())
     assert pending["assessment-writeback"] >= 1  # tried, failed, queued for retry
-    assert pending["alert-task"] == 0  # waits behind it: one patient's writes arrive in order
+    assert "alert-task" not in pending  # the alert's Task is in that transaction: it arrives with it
     assert ehr.search("RiskAssessment", subject=ref) == []
     ehr.clear_fault()
     with service.pool.connection() as conn:
@@ -118,6 +118,7 @@ def test_ehr_outage_queues_the_write_back_and_delivers_it_once(ehr: Any, service
     ingest_cycle(service)
     assert len(ehr.search("RiskAssessment", subject=ref)) == 1
     assert len(ehr.search("Flag", subject=ref)) == 1
+    assert len(ehr.search("Task", patient=ref)) == 1
 
 
 def test_a_retried_bundle_creates_nothing_twice(ehr: Any, service: Any) -> None:
@@ -127,12 +128,16 @@ def test_a_retried_bundle_creates_nothing_twice(ehr: Any, service: Any) -> None:
     ehr.create(phq9(ref, [0, 0, 0, 0, 0, 0, 0, 0, 2]))
     ingest_cycle(service)
     with service.pool.connection() as conn:
-        item = conn.execute("SELECT id FROM outbox").fetchone()
-        conn.execute("UPDATE outbox SET status = 'pending', next_attempt_at = now() WHERE id = %s", (item[0],))
+        items = conn.execute("SELECT id, kind FROM outbox").fetchall()
+        assert [kind for _, kind in items] == ["assessment-writeback"]  # the Task is in it too
+        conn.execute("UPDATE outbox SET status = 'pending', next_attempt_at = now() WHERE id = %s", (items[0][0],))
         conn.commit()
+    provenance = len(ehr.search("Provenance"))
     ingest_cycle(service)
-    for rtype in ("RiskAssessment", "Flag"):
+    for rtype in ("RiskAssessment", "Flag", "Communication"):
         assert len(ehr.search(rtype, subject=ref)) == 1, rtype
+    assert len(ehr.search("Task", patient=ref)) == 1  # sent in the same transaction, PUT: overwritten
+    assert len(ehr.search("Provenance")) == provenance
 
 
 def test_bot_turns_are_stored_but_not_scored_as_the_patient(ehr: Any, service: Any) -> None:

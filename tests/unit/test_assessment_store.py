@@ -1,0 +1,108 @@
+"""cds.store.assessments against the real PostgreSQL: an assessment is one INSERT, its id drawn ahead
+from the table's sequence, and its signals still sealed with the AAD ``assessments.signals|{id}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+from cds.domain import Assessment, Evidence, RiskTier, Signal
+from cds.errors import CryptoError
+from cds.store import assessments as store
+from cds.store.cipher import open_json
+from compliance.crypto import FieldCipher, Kek
+
+PATIENT = "Patient/p1"
+
+
+class Recording:
+    """A connection that records the SQL run through it (the cipher's data-key queries included)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+        self.statements: list[str] = []
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        self.statements.append(str(query))
+        return self._conn.execute(query, params, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+@pytest.fixture
+def cipher() -> FieldCipher:
+    return FieldCipher(Kek.generate())
+
+
+def _assessment(text: str = "我已经攒够了安眠药") -> Assessment:
+    evidence = (Evidence(0, len(text), "plan", ref="Communication/c1", source="lexicon", text=text),)
+    return Assessment(patient_ref=PATIENT, tier=RiskTier.HIGH, probability=0.8, flags=frozenset(), missing=(),
+                      signals=(Signal(name="text.tier", value="high", source="model", tier=RiskTier.HIGH,
+                                      evidence=evidence),),
+                      fired=(), actions=(), ruleset_hash="ab" * 32, model_sha256=None)
+
+
+def _assessment_statements(rec: Recording) -> list[str]:
+    return [s for s in rec.statements if "data_keys" not in s]
+
+
+def test_an_assessment_is_one_insert_and_its_signals_decrypt(db_conn: psycopg.Connection[Any],
+                                                             cipher: FieldCipher) -> None:
+    store.insert_assessment(db_conn, cipher, _assessment("warm the data key"), event_id=None, scores={})
+    (assessment_id,) = store.AssessmentIds(db_conn, 4).take(1)
+    rec = Recording(db_conn)
+    got = store.insert_assessment(rec, cipher, _assessment(), event_id=None, scores={"phq9": {"total": 3}},  # type: ignore[arg-type]
+                                  assessment_id=assessment_id)
+    assert got == assessment_id
+    # one statement on the table (the cipher's own data-key lookup aside): no UPDATE after the INSERT
+    assert [s.split(" (")[0] for s in _assessment_statements(rec)] == ["INSERT INTO assessments"]
+    db_conn.commit()
+    signals = store.load_signals(db_conn, cipher, assessment_id)
+    assert [(s.name, s.value, s.evidence[0].text) for s in signals] == [("text.tier", "high", "我已经攒够了安眠药")]
+    # the AAD format rows already stored were sealed with, unchanged
+    blob = db_conn.execute("SELECT signals_enc FROM assessments WHERE id = %s", (assessment_id,)).fetchone()[0]
+    assert open_json(cipher, db_conn, blob, f"assessments.signals|{assessment_id}")[0]["name"] == "text.tier"
+
+
+def test_the_ciphertext_is_bound_to_its_rows_id(db_conn: psycopg.Connection[Any], cipher: FieldCipher) -> None:
+    first = store.insert_assessment(db_conn, cipher, _assessment(), event_id=None, scores={})
+    second = store.insert_assessment(db_conn, cipher, _assessment("other"), event_id=None, scores={})
+    db_conn.execute("UPDATE assessments SET signals_enc = (SELECT signals_enc FROM assessments WHERE id = %s)"
+                    " WHERE id = %s", (first, second))
+    with pytest.raises(CryptoError):
+        store.load_signals(db_conn, cipher, second)
+
+
+def test_without_an_id_one_is_drawn_from_the_sequence(db_conn: psycopg.Connection[Any], cipher: FieldCipher) -> None:
+    store.insert_assessment(db_conn, cipher, _assessment("warm the data key"), event_id=None, scores={})
+    rec = Recording(db_conn)
+    got = store.insert_assessment(rec, cipher, _assessment(), event_id=None, scores={})  # type: ignore[arg-type]
+    drawn, inserted = _assessment_statements(rec)  # no UPDATE after the INSERT
+    assert "nextval('assessments_id_seq')" in drawn and inserted.startswith("INSERT INTO assessments")
+    assert store.load_signals(db_conn, cipher, got)[0].name == "text.tier"
+    # later rows still get ids from the same sequence, above it
+    assert store.insert_assessment(db_conn, cipher, _assessment(), event_id=None, scores={}) > got
+
+
+def test_ids_drawn_ahead_are_one_statement_per_batch(db_conn: psycopg.Connection[Any]) -> None:
+    rec = Recording(db_conn)
+    ids = store.AssessmentIds(rec, 6)  # type: ignore[arg-type]
+    taken = [ids.take(2), ids.take(2), ids.take(2)]
+    assert len(rec.statements) == 1 and "generate_series" in rec.statements[0]
+    flat = [i for pair in taken for i in pair]
+    assert flat == sorted(flat) and len(set(flat)) == 6
+    ids.take(1)  # the batch used them all: one more statement draws more
+    assert len(rec.statements) == 2
+
+
+def test_a_patients_ids_stay_in_processing_order(db_conn: psycopg.Connection[Any]) -> None:
+    """Ids drawn ahead by this batch can be below one another worker has since given the patient."""
+    ids = store.AssessmentIds(db_conn, 10)
+    (first,) = ids.take(1)
+    (elsewhere,) = store.allocate_ids(db_conn, 1)  # another worker's batch, drawn later, used first
+    fresh = ids.take(2, after=elsewhere)
+    assert min(fresh) > elsewhere
+    assert ids.take(1, after=first - 1)[0] == first + 1  # the ids drawn ahead still serve other patients
