@@ -340,8 +340,10 @@ def _negated(lex: Lexicon, doc: _Doc, start: int) -> bool:
     if cue is None:
         return False
     between = window[cue.end():]
-    # "I don't know, I want to die" / "过得不爽了你们都得死": a new subject after the cue ends its scope.
-    return not any(rx.search(between) for rx in (lex.first_person, lex.second_person, lex.third_person))
+    # "I don't know, I want to die" / "过得不爽了你们都得死": a new subject after the cue ends its scope,
+    # and so does one the match itself opens with ("不爽了" + "你们都得死": the cue negates 爽, not 死).
+    subjects = (lex.first_person, lex.second_person, lex.third_person)
+    return not any(rx.search(between) or rx.match(doc.norm, start) for rx in subjects)
 
 
 def _quote_open(doc: _Doc, start: int) -> int:

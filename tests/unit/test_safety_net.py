@@ -124,8 +124,25 @@ def test_threats_and_urges_towards_others_set_harm_to_others(text: str) -> None:
 
 
 @pytest.mark.parametrize("text", [
+    # lexicons 1.4.0: named targets, conditional threats, violent urges, insults aimed at "you"
+    "我想杀了我爸", "我想弄死那个人", "我想揍他一顿", "他再惹我我就捅了他", "我有暴力倾向", "我控制不住想打人",
+    "你这个死人，快点", "你们滚吧！", "I feel like hurting someone", "I keep having violent thoughts about my boss",
+    # a negation before a new subject does not reach it (the cue negates 爽, not 死)
+    "以后过得不爽了你们都得死",
+    # "why can't ... " is a rhetorical question, not a negation
+    "为什么不可以让他们死",
+])
+def test_more_threats_towards_others_set_harm_to_others(text: str) -> None:
+    result = safety_net_scan(text)
+    assert result.harm_to_others
+    assert result.tier is None
+
+
+@pytest.mark.parametrize("text", [
     "我想我今晚就要死了", "希望我能死掉", "I want to kill my self", "I want to kill that part of me",
     "I could kill for a pizza", "我才不会让他们死", "she said she wants him dead",
+    "我不想伤害别人", "我从来没想过打人", "你不是废物", "I would never hurt anyone", "I never think about hurting people",
+    "为什么不想死的人一下子就死了", "他有暴力倾向", "my husband has violent urges",
 ])
 def test_own_risk_idioms_and_negation_do_not_set_harm_to_others(text: str) -> None:
     assert not safety_net_scan(text).harm_to_others
