@@ -81,6 +81,31 @@ def test_intent_tiers(text: str, expected: RiskTier) -> None:
     assert tier(text) == expected
 
 
+@pytest.mark.parametrize("text,expected", [  # lexicon zh 1.4.0
+    ("三个孩子自己带，老想着死", RiskTier.LOW),
+    ("有时觉得死亡真好", RiskTier.LOW),
+    ("感情上出了问题，有时候会有死的想法", RiskTier.LOW),
+    ("她要是离开我，我宁可就死", RiskTier.LOW),
+    ("只有死了他们才会意识到自己的错", RiskTier.LOW),
+    ("活着没希望了", RiskTier.LOW),
+    ("我感觉没有活下去的动力了", RiskTier.LOW),
+    ("我不要活了", RiskTier.MODERATE),
+    ("结束咨询后多久自杀对咨询师影响最小？", RiskTier.MODERATE),
+    ("如何快速死亡？", RiskTier.HIGH),
+    ("每天都会有想死的念头", RiskTier.MODERATE),  # a wider new pattern never swallows a higher one
+])
+def test_more_ideation_phrasings(text: str, expected: RiskTier) -> None:
+    assert tier(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "一想到死亡就害怕", "我总想着死去的奶奶", "我宁死也不会放弃", "宁可饿死也不吃",
+    "我们可以把考上大学作为活下去的希望", "我从来没有死的念头",
+])
+def test_more_ideation_phrasings_do_not_fire_on_these(text: str) -> None:
+    assert tier(text) is None
+
+
 @pytest.mark.parametrize("text", [
     "我打算跳楼", "我计划下周自杀", "我想好了怎么死", "我想割腕", "我想死，已经查好了楼层",
     "I'm planning to kill myself", "I'm going to jump off the bridge", "I want to hang myself",
