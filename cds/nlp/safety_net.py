@@ -321,6 +321,14 @@ def _last_subject(lex: Lexicon, prefix: str) -> str | None:
     return best[1] if best else None
 
 
+def _opening_subject(lex: Lexicon, norm: str, start: int) -> str | None:
+    """The person of a subject word the match starts with, if any."""
+    for person, rx in (("first", lex.first_person), ("second", lex.second_person), ("third", lex.third_person)):
+        if rx.match(norm, start):
+            return person
+    return None
+
+
 def _first_subject(lex: Lexicon, prefix: str) -> str | None:
     """The reporting speaker: "I told my mum" -> first, "My mum told me" -> third."""
     best: tuple[int, str] | None = None
@@ -343,7 +351,7 @@ def _negated(lex: Lexicon, doc: _Doc, start: int) -> bool:
     # "I don't know, I want to die" / "过得不爽了你们都得死": a new subject after the cue ends its scope,
     # and so does one the match itself opens with ("不爽了" + "你们都得死": the cue negates 爽, not 死).
     subjects = (lex.first_person, lex.second_person, lex.third_person)
-    return not any(rx.search(between) or rx.match(doc.norm, start) for rx in subjects)
+    return not (any(rx.search(between) for rx in subjects) or _opening_subject(lex, doc.norm, start))
 
 
 def _quote_open(doc: _Doc, start: int) -> int:
@@ -371,7 +379,8 @@ def _status(lex: Lexicon, doc: _Doc, pat: Pattern, start: int, end: int,
             return "quotation"
     if "subject" in pat.discount:
         lo = open_at + 1 if open_at >= 0 else doc.clause_start(start)
-        subject = _last_subject(lex, doc.norm[lo:start])
+        # A match that opens with its own subject ("我先走一步") says who speaks; else the nearest one before.
+        subject = _opening_subject(lex, doc.norm, start) or _last_subject(lex, doc.norm[lo:start])
         if subject is None and open_at < 0:  # "我的一个朋友失恋了，要自杀": the subject may sit in an earlier clause
             subject = _last_subject(lex, doc.norm[doc.sentence_start(start):start])
         if subject == "third":

@@ -93,6 +93,17 @@ def test_intent_tiers(text: str, expected: RiskTier) -> None:
     ("结束咨询后多久自杀对咨询师影响最小？", RiskTier.MODERATE),
     ("如何快速死亡？", RiskTier.HIGH),
     ("每天都会有想死的念头", RiskTier.MODERATE),  # a wider new pattern never swallows a higher one
+    ("想直接淹死算了", RiskTier.HIGH),
+    ("感觉吊颈会很辛苦", RiskTier.HIGH),
+    ("每次站在窗口都好想跳下去", RiskTier.HIGH),
+    ("我都会构思自己如何死亡", RiskTier.HIGH),
+    ("每天都在想什么方法可以顺理成章的消失", RiskTier.HIGH),
+    ("找约死群找了很久", RiskTier.HIGH),
+    ("真想离开这个丑恶的世界", RiskTier.MODERATE),
+    ("我想在18岁以前走掉", RiskTier.MODERATE),
+    ("真害怕我明天就会把自己给了结了", RiskTier.HIGH),  # + timing
+    ("过马路在想会不会有车撞死我", RiskTier.HIGH),  # 会不会 asks, it does not negate
+    ("但愿你们能好好活下去，我先走一步", RiskTier.IMMINENT),  # the match opens with its own speaker
 ])
 def test_more_ideation_phrasings(text: str, expected: RiskTier) -> None:
     assert tier(text) == expected
@@ -101,6 +112,7 @@ def test_more_ideation_phrasings(text: str, expected: RiskTier) -> None:
 @pytest.mark.parametrize("text", [
     "一想到死亡就害怕", "我总想着死去的奶奶", "我宁死也不会放弃", "宁可饿死也不吃",
     "我们可以把考上大学作为活下去的希望", "我从来没有死的念头",
+    "店铺打算下周重开", "他从楼上跳下去了", "我不会跳楼的", "你要不要去死", "我想知道他是不是想自杀",
 ])
 def test_more_ideation_phrasings_do_not_fire_on_these(text: str) -> None:
     assert tier(text) is None
