@@ -31,7 +31,7 @@ from cds.nlp.features import (
     text_counts,
 )
 from cds.nlp.safety_net import LEXICON_DIR, SafetyNetResult, conversation_scan, lexicons, safety_net_scan
-from cds.nlp.text import detect_lang
+from cds.nlp.text import detect_lang, traditional_to_simplified
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -198,6 +198,7 @@ class TextRiskModel:
         self.source = f"model:{self.sha256[:12]}"
         self.lexicon_dir = lexicon_dir
         lexicons(lexicon_dir)  # fail at load, not at the first message
+        traditional_to_simplified()  # the script table too (~0.1 s), not on the first message
         self._text_cache = _Lru(CACHE_TEXTS)  # text -> (n-gram counts, edge words)
         self._result_cache = _Lru(CACHE_TEXTS)  # (text, lang) -> TextResult
 

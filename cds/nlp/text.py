@@ -22,22 +22,46 @@ _LATIN_CHAR_RE = re.compile(r"[A-Za-z]")
 _APOSTROPHES = {"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\uff07": "'", "`": "'"}
 
 
+_CJK_RANGES = ((0x3400, 0x4DC0), (0x4E00, 0xA000), (0xF900, 0xFB00))
+
+
+@lru_cache(maxsize=1)
+def traditional_to_simplified() -> dict[str, str]:
+    """Traditional Chinese character -> its Simplified form (無->无, 殺->杀, 藥->药), from OpenCC's t2s
+    conversion applied one character at a time: only one-to-one characters, so lengths never change.
+    Characters OpenCC keeps (著, 乾 on its own) and every Simplified character map to themselves."""
+    import opencc
+
+    t2s = opencc.OpenCC("t2s")
+    table: dict[str, str] = {}
+    for lo, hi in _CJK_RANGES:
+        for cp in range(lo, hi):
+            ch = chr(cp)
+            out = t2s.convert(ch)
+            if len(out) == 1 and out != ch:
+                table[ch] = out
+    return table
+
+
 @lru_cache(maxsize=65536)
 def _fold_char(ch: str) -> str:
     if ch in _APOSTROPHES:
         return _APOSTROPHES[ch]
     folded = unicodedata.normalize("NFKC", ch).lower()
     if len(folded) == 1:
-        return folded
+        return traditional_to_simplified().get(folded, folded)
     lowered = ch.lower()
     return lowered if len(lowered) == 1 else ch
 
 
 def normalise(text: str) -> str:
-    """NFKC + lower case, character by character, so that ``len(normalise(t)) == len(t)``.
+    """NFKC + lower case + Traditional -> Simplified Chinese, character by character, so that
+    ``len(normalise(t)) == len(t)``.
 
-    Full-width Latin letters and digits become ASCII, curly apostrophes become ``'``; characters whose
-    normal form is longer than one character (ligatures, "ß" folding) are only lower-cased.
+    Full-width Latin letters and digits become ASCII, curly apostrophes become ``'``, Traditional
+    characters their Simplified forms (the lexicons and the training data are Simplified: "我唔想再活，
+    想跳樓" reads as "...跳楼"); characters whose normal form is longer than one character (ligatures,
+    "ß" folding) are only lower-cased.
     """
     if text.isascii():
         return text.lower()

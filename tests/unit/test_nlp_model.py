@@ -363,3 +363,22 @@ def test_cached_results_equal_fresh_ones() -> None:
         cold._text_cache = type(cold._text_cache)(cold._text_cache.maxsize)
         assert same(fresh, warm[i])
     assert all(same(a, b) for a, b in zip(model.classify(conversation), cold.classify(conversation)))
+
+
+@pytest.mark.parametrize("traditional,simplified", [
+    ("我已經攢夠了安眠藥，打算這週末全部吃掉", "我已经攒够了安眠药，打算这周末全部吃掉"),
+    ("無數次我都會構思自己如何死亡", "无数次我都会构思自己如何死亡"),
+    ("今天考試壓力好大，不過還好", "今天考试压力好大，不过还好"),
+])
+def test_traditional_chinese_reads_as_simplified(traditional: str, simplified: str) -> None:
+    """Traditional characters are folded to Simplified before the model and the lexicon see them, so a
+    message scores the same in either script, and evidence offsets still slice the original."""
+    from cds.nlp.text import normalise
+
+    assert normalise(traditional) == normalise(simplified) and len(normalise(traditional)) == len(traditional)
+    served = TextRiskModel.load()
+    [t], [s] = served.classify([traditional], ["zh"]), served.classify([simplified], ["zh"])
+    assert (t.tier, t.model_tier, t.harm_to_others) == (s.tier, s.model_tier, s.harm_to_others)
+    assert t.probability == pytest.approx(s.probability, abs=1e-6)
+    assert [(e.start, e.end, e.kind) for e in t.evidence] == [(e.start, e.end, e.kind) for e in s.evidence]
+    assert all(e.text == traditional[e.start:e.end] for e in t.evidence)

@@ -118,6 +118,24 @@ def test_more_ideation_phrasings_do_not_fire_on_these(text: str) -> None:
     assert tier(text) is None
 
 
+@pytest.mark.parametrize("text,expected", [  # Traditional script and Cantonese (lexicon zh 1.4.0)
+    ("我今晚就跳樓", RiskTier.IMMINENT),
+    ("我已經寫好遺書", RiskTier.IMMINENT),
+    ("我唔想再生存落去", RiskTier.MODERATE),
+    ("做人好攰", RiskTier.LOW),
+    ("我琴日又𠝹手", RiskTier.MODERATE),
+    ("我想食晒啲安眠藥", RiskTier.HIGH),
+    ("我想由天台跳落去", RiskTier.HIGH),
+])
+def test_traditional_and_cantonese(text: str, expected: RiskTier) -> None:
+    assert tier(text) == expected
+
+
+@pytest.mark.parametrize("text", ["我唔想死", "我冇想過自殺", "佢話佢想死", "我有食藥", "唔該晒"])
+def test_cantonese_negation_third_person_and_everyday_words(text: str) -> None:
+    assert tier(text) is None
+
+
 @pytest.mark.parametrize("text", [
     "我打算跳楼", "我计划下周自杀", "我想好了怎么死", "我想割腕", "我想死，已经查好了楼层",
     "I'm planning to kill myself", "I'm going to jump off the bridge", "I want to hang myself",
