@@ -379,8 +379,10 @@ def _status(lex: Lexicon, doc: _Doc, pat: Pattern, start: int, end: int,
             return "quotation"
     if "subject" in pat.discount:
         lo = open_at + 1 if open_at >= 0 else doc.clause_start(start)
-        # A match that opens with its own subject ("我先走一步") says who speaks; else the nearest one before.
-        subject = _opening_subject(lex, doc.norm, start) or _last_subject(lex, doc.norm[lo:start])
+        # A match that opens with the speaker ("我先走一步") is the speaker's, whoever was named before it; a
+        # match that opens with someone else ("everyone would be better off without me") is judged as before.
+        opener = _opening_subject(lex, doc.norm, start)
+        subject = "first" if opener == "first" else _last_subject(lex, doc.norm[lo:start])
         if subject is None and open_at < 0:  # "我的一个朋友失恋了，要自杀": the subject may sit in an earlier clause
             subject = _last_subject(lex, doc.norm[doc.sentence_start(start):start])
         if subject == "third":

@@ -10,8 +10,8 @@ from cds.domain import RiskTier
 from cds.nlp import safety_net_scan
 
 
-def tier(text: str) -> RiskTier | None:
-    return safety_net_scan(text).tier
+def tier(text: str, lang: str | None = None) -> RiskTier | None:
+    return safety_net_scan(text, lang).tier
 
 
 @pytest.mark.parametrize("text", [
@@ -104,6 +104,7 @@ def test_intent_tiers(text: str, expected: RiskTier) -> None:
     ("真害怕我明天就会把自己给了结了", RiskTier.HIGH),  # + timing
     ("过马路在想会不会有车撞死我", RiskTier.HIGH),  # 会不会 asks, it does not negate
     ("但愿你们能好好活下去，我先走一步", RiskTier.IMMINENT),  # the match opens with its own speaker
+    ("everyone would be better off without me", RiskTier.LOW),  # opening with someone else: judged as before
 ])
 def test_more_ideation_phrasings(text: str, expected: RiskTier) -> None:
     assert tier(text) == expected
@@ -129,6 +130,26 @@ def test_more_ideation_phrasings_do_not_fire_on_these(text: str) -> None:
 ])
 def test_traditional_and_cantonese(text: str, expected: RiskTier) -> None:
     assert tier(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", [  # lexicon en 1.4.0
+    ("i want to kms", RiskTier.MODERATE),
+    ("thinking about sewerslide", RiskTier.MODERATE),
+    ("I want to go to sleep and never wake up", RiskTier.LOW),
+    ("I am done with life", RiskTier.LOW),
+    ("life is not worth living", RiskTier.LOW),
+    ("i might as well be dead", RiskTier.LOW),
+    ("I have been researching ways to die", RiskTier.HIGH),
+    ("I am saying my goodbyes", RiskTier.IMMINENT),
+])
+def test_more_english_phrasings(text: str, expected: RiskTier) -> None:
+    assert tier(text, "en") == expected
+
+
+@pytest.mark.parametrize("text", ["I ran 5 kms today", "life is worth living", "I would never kms",
+                                  "my friend is done with life"])
+def test_more_english_phrasings_do_not_fire_on_these(text: str) -> None:
+    assert tier(text, "en") is None
 
 
 @pytest.mark.parametrize("text", ["我唔想死", "我冇想過自殺", "佢話佢想死", "我有食藥", "唔該晒"])
