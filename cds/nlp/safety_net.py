@@ -65,6 +65,7 @@ class Lexicon:
     first_person: re.Pattern[str]
     second_person: re.Pattern[str]
     third_person: re.Pattern[str]
+    object_markers: re.Pattern[str] | None  # a second/third-person word right after one is an object, not a subject
     negation_window: int
     context_window: int
 
@@ -261,6 +262,8 @@ def parse_lexicon(data: Mapping[str, Any], where: str = "lexicon") -> Lexicon:
         first_person=_compile(subjects.get("first"), f"{where}: subjects.first"),
         second_person=_compile(subjects.get("second"), f"{where}: subjects.second"),
         third_person=_compile(subjects.get("third"), f"{where}: subjects.third"),
+        object_markers=_compile(f"(?:{subjects['object_markers']})$", f"{where}: subjects.object_markers")
+        if subjects.get("object_markers") else None,
         negation_window=int(settings.get("negation_window", 20)),
         context_window=int(settings.get("context_window", 200)),
     )
@@ -316,6 +319,10 @@ def _last_subject(lex: Lexicon, prefix: str) -> str | None:
     best: tuple[int, str] | None = None
     for person, rx in (("first", lex.first_person), ("second", lex.second_person), ("third", lex.third_person)):
         for m in rx.finditer(prefix):
+            # "经常和家人吵架，之后就想自杀": 家人 is the object of 和, not who wants to die. Only other people are
+            # skipped this way, never the speaker, so the rule can only count a match, never discount one.
+            if person != "first" and lex.object_markers is not None and lex.object_markers.search(prefix, 0, m.start()):
+                continue
             if best is None or m.end() > best[0] or (m.end() == best[0] and person == "first"):
                 best = (m.end(), person)
     return best[1] if best else None

@@ -105,6 +105,16 @@ def test_intent_tiers(text: str, expected: RiskTier) -> None:
     ("过马路在想会不会有车撞死我", RiskTier.HIGH),  # 会不会 asks, it does not negate
     ("但愿你们能好好活下去，我先走一步", RiskTier.IMMINENT),  # the match opens with its own speaker
     ("everyone would be better off without me", RiskTier.LOW),  # opening with someone else: judged as before
+    ("太累了 快点死吧", RiskTier.MODERATE),
+    ("我无能为力只求一死", RiskTier.MODERATE),  # 无能为力 is no negation
+    ("我无时无刻不想死", RiskTier.MODERATE),  # nor is "not a moment without"
+    ("可以死掉吗，为什么不能轻轻松松死掉", RiskTier.MODERATE),
+    ("我不想再撑下去了", RiskTier.MODERATE),
+    ("我怎么还没死", RiskTier.LOW),
+    ("真希望来一场飞来横祸", RiskTier.LOW),
+    ("无时不刻在想象自己死去的画面", RiskTier.LOW),
+    ("经常和家人吵架，之后就想自杀", RiskTier.MODERATE),  # 家人 after 和 is an object, not the subject
+    ("被他打了之后我好想死", RiskTier.MODERATE),
 ])
 def test_more_ideation_phrasings(text: str, expected: RiskTier) -> None:
     assert tier(text) == expected
@@ -114,6 +124,8 @@ def test_more_ideation_phrasings(text: str, expected: RiskTier) -> None:
     "一想到死亡就害怕", "我总想着死去的奶奶", "我宁死也不会放弃", "宁可饿死也不吃",
     "我们可以把考上大学作为活下去的希望", "我从来没有死的念头",
     "店铺打算下周重开", "他从楼上跳下去了", "我不会跳楼的", "你要不要去死", "我想知道他是不是想自杀",
+    "快点死机吧", "你快点死吧", "游戏里可以死一死再复活", "他猝死了好可惜", "我感觉我要淹死了",
+    "我的一个朋友失恋了，要自杀", "我真想让他们都去死",  # 他们 after 让 does the dying: the subject stays
 ])
 def test_more_ideation_phrasings_do_not_fire_on_these(text: str) -> None:
     assert tier(text) is None
