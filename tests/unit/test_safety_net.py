@@ -153,13 +153,21 @@ def test_traditional_and_cantonese(text: str, expected: RiskTier) -> None:
     ("i might as well be dead", RiskTier.LOW),
     ("I have been researching ways to die", RiskTier.HIGH),
     ("I am saying my goodbyes", RiskTier.IMMINENT),
+    ("I want to end myself", RiskTier.MODERATE),
+    ("I dont plan on living more than a decade", RiskTier.MODERATE),
+    ("No reason to keep on existing", RiskTier.MODERATE),
+    ("I wanna slit my wrists", RiskTier.HIGH),
+    ("someone will have to find my body", RiskTier.HIGH),  # the body is the speaker's, whoever finds it
+    ("I bought sodium nitrite", RiskTier.IMMINENT),
+    ("sending a final goodbye message to her", RiskTier.IMMINENT),
 ])
 def test_more_english_phrasings(text: str, expected: RiskTier) -> None:
     assert tier(text, "en") == expected
 
 
 @pytest.mark.parametrize("text", ["I ran 5 kms today", "life is worth living", "I would never kms",
-                                  "my friend is done with life"])
+                                  "my friend is done with life", "my friend wants to end herself",
+                                  "I bought an SN card", "that will end me up in trouble"])
 def test_more_english_phrasings_do_not_fire_on_these(text: str) -> None:
     assert tier(text, "en") is None
 
