@@ -73,6 +73,11 @@ class Lexicon:
     def ref(self) -> str:
         return f"lexicon:{self.lang}@{self.version}"
 
+    @property
+    def persons(self) -> tuple[tuple[str, re.Pattern[str]], ...]:
+        """(person, subject words) for first, second and third person, in that order."""
+        return (("first", self.first_person), ("second", self.second_person), ("third", self.third_person))
+
 
 @dataclass(frozen=True)
 class Hit:
@@ -317,7 +322,7 @@ class _Doc:
 
 def _last_subject(lex: Lexicon, prefix: str) -> str | None:
     best: tuple[int, str] | None = None
-    for person, rx in (("first", lex.first_person), ("second", lex.second_person), ("third", lex.third_person)):
+    for person, rx in lex.persons:
         for m in rx.finditer(prefix):
             # "经常和家人吵架，之后就想自杀": 家人 is the object of 和, not who wants to die. Only other people are
             # skipped this way, never the speaker, so the rule can only count a match, never discount one.
@@ -330,7 +335,7 @@ def _last_subject(lex: Lexicon, prefix: str) -> str | None:
 
 def _opening_subject(lex: Lexicon, norm: str, start: int) -> str | None:
     """The person of a subject word the match starts with, if any."""
-    for person, rx in (("first", lex.first_person), ("second", lex.second_person), ("third", lex.third_person)):
+    for person, rx in lex.persons:
         if rx.match(norm, start):
             return person
     return None
@@ -339,14 +344,15 @@ def _opening_subject(lex: Lexicon, norm: str, start: int) -> str | None:
 def _first_subject(lex: Lexicon, prefix: str) -> str | None:
     """The reporting speaker: "I told my mum" -> first, "My mum told me" -> third."""
     best: tuple[int, str] | None = None
-    for person, rx in (("first", lex.first_person), ("second", lex.second_person), ("third", lex.third_person)):
+    for person, rx in lex.persons:
         m = rx.search(prefix)
         if m and (best is None or m.start() < best[0]):
             best = (m.start(), person)
     return best[1] if best else None
 
 
-def _negated(lex: Lexicon, doc: _Doc, start: int) -> bool:
+def _negated(lex: Lexicon, doc: _Doc, start: int, opener: str | None) -> bool:
+    """``opener``: the person of a subject word the match starts with (``_opening_subject``), if any."""
     lo = max(doc.negation_start(start), start - lex.negation_window)
     window = doc.norm[lo:start]
     cue = None
@@ -357,8 +363,7 @@ def _negated(lex: Lexicon, doc: _Doc, start: int) -> bool:
     between = window[cue.end():]
     # "I don't know, I want to die" / "过得不爽了你们都得死": a new subject after the cue ends its scope,
     # and so does one the match itself opens with ("不爽了" + "你们都得死": the cue negates 爽, not 死).
-    subjects = (lex.first_person, lex.second_person, lex.third_person)
-    return not (any(rx.search(between) for rx in subjects) or _opening_subject(lex, doc.norm, start))
+    return opener is None and not any(rx.search(between) for _, rx in lex.persons)
 
 
 def _quote_open(doc: _Doc, start: int) -> int:
@@ -384,11 +389,11 @@ def _status(lex: Lexicon, doc: _Doc, pat: Pattern, start: int, end: int,
         quoter = _first_subject(lex, doc.norm[max(doc.clause_start(open_at), open_at - 30):open_at])
         if quoter != "first":
             return "quotation"
+    opener = _opening_subject(lex, doc.norm, start)  # read by both checks below
     if "subject" in pat.discount:
         lo = open_at + 1 if open_at >= 0 else doc.clause_start(start)
         # A match that opens with the speaker ("我先走一步") is the speaker's, whoever was named before it; a
         # match that opens with someone else ("everyone would be better off without me") is judged as before.
-        opener = _opening_subject(lex, doc.norm, start)
         subject = "first" if opener == "first" else _last_subject(lex, doc.norm[lo:start])
         if subject is None and open_at < 0:  # "我的一个朋友失恋了，要自杀": the subject may sit in an earlier clause
             subject = _last_subject(lex, doc.norm[doc.sentence_start(start):start])
@@ -396,7 +401,7 @@ def _status(lex: Lexicon, doc: _Doc, pat: Pattern, start: int, end: int,
             return "third_person"
         if subject == "second":
             return "second_person"
-    if "negation" in pat.discount and _negated(lex, doc, start):
+    if "negation" in pat.discount and _negated(lex, doc, start, opener):
         return "negation"
     return "counted"
 
