@@ -12,17 +12,16 @@ import re
 import unicodedata
 from functools import lru_cache
 
-# CJK unified ideographs (+ extension A, compatibility ideographs).
-CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+# CJK unified ideographs (+ extension A, compatibility ideographs), as half-open code point ranges.
+_CJK_RANGES = ((0x3400, 0x4DC0), (0x4E00, 0xA000), (0xF900, 0xFB00))
+_CJK_CLASS = "[" + "".join(f"{chr(lo)}-{chr(hi - 1)}" for lo, hi in _CJK_RANGES) + "]"
+CJK_RE = re.compile(_CJK_CLASS + "+")
 LATIN_WORD_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-_CJK_CHAR_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_CJK_CHAR_RE = re.compile(_CJK_CLASS)
 _LATIN_CHAR_RE = re.compile(r"[A-Za-z]")
 
 # Apostrophe-like characters folded to "'" so "don’t" matches "don't".
 _APOSTROPHES = {"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\uff07": "'", "`": "'"}
-
-
-_CJK_RANGES = ((0x3400, 0x4DC0), (0x4E00, 0xA000), (0xF900, 0xFB00))
 
 
 @lru_cache(maxsize=1)
