@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from cds.domain import FLAG_INDETERMINATE, Assessment, Event, Evidence, History, RiskTier, Signal
+from cds.domain import FLAG_INDETERMINATE, Action, Assessment, Event, Evidence, History, RiskTier, Signal
 from cds.errors import CdsError, CryptoError, InputError
 from cds.settings import Settings
 from cds.storage_health import is_storage_error, storage_watch
@@ -207,6 +207,34 @@ class Processed:
 
 
 ALERT_ACTIONS = {"nurse_alert": "risk", "discordance_alert": "discordance"}
+
+
+def alert_requests(actions: Sequence[Action]) -> dict[str, tuple[str, int]]:
+    """The alert each alert kind asks for, as (priority, SLA minutes), kinds in the order they first appear.
+
+    Several actions can ask for one alert kind (a stat safety-net alert and a by-tier alert are both
+    "risk"): there is one open alert per patient and kind, so they are merged first and the alert is
+    opened or joined once, with one audit record. The merged request has the highest priority asked and,
+    among the actions asking that priority, the shortest SLA. The rules' actions come sorted by priority,
+    highest first, and their SLA follows their priority (the manifest's table), so this is what joining the
+    alert once per action did: the first call set the alert, the others could not raise it."""
+    from cds.alerts import PRIORITY_RANK
+    from cds.triage import sla_for
+
+    merged: dict[str, tuple[str, int]] = {}
+    for action in actions:
+        kind = ALERT_ACTIONS.get(action.kind)
+        if kind is None:
+            continue
+        kind = str(action.params.get("alert_kind", kind))
+        sla = action.sla_minutes if action.sla_minutes is not None else sla_for(action.priority)
+        seen = merged.get(kind)
+        if (seen is None or PRIORITY_RANK[action.priority] > PRIORITY_RANK[seen[0]]
+                or (action.priority == seen[0] and sla < seen[1])):
+            merged[kind] = (action.priority, sla)
+    return merged
+
+
 # What one event's processing may raise without it being the store's fault (those roll back that event only).
 EVENT_ERRORS = (CdsError, CryptoError, psycopg.Error, ValueError, KeyError, TypeError)
 
@@ -479,31 +507,24 @@ class Pipeline:
     def _act_on_alerts(self, conn: psycopg.Connection[Any], a: Assessment, assessment_id: int,
                        now: datetime, audits: list[dict[str, Any]]) -> tuple[list[str], list[str], str]:
         from cds.alerts import PRIORITY_RANK, raise_alert
-        from cds.triage import sla_for
 
         alert_ids: list[str] = []
         changed: list[str] = []
         top_priority = "routine"
         reason = "; ".join(f.title for f in a.fired) or "risk signal"
-        for action in a.actions:
-            kind = ALERT_ACTIONS.get(action.kind)
-            if kind is None:
-                continue
-            kind = str(action.params.get("alert_kind", kind))
-            sla = action.sla_minutes if action.sla_minutes is not None else sla_for(action.priority)
-            change = raise_alert(conn, patient_ref=a.patient_ref, kind=kind, tier=a.tier, priority=action.priority,
+        for kind, (priority, sla) in alert_requests(a.actions).items():
+            change = raise_alert(conn, patient_ref=a.patient_ref, kind=kind, tier=a.tier, priority=priority,
                                  reason=reason, assessment_id=assessment_id, sla_minutes=sla, now=now)
-            if change.alert_id not in alert_ids:
-                alert_ids.append(change.alert_id)
+            alert_ids.append(change.alert_id)
             if change.created or change.raised:
                 changed.append(change.alert_id)
                 audits.append(dict(event_type="alert.open" if change.created else "alert.raise",
                                    action="C" if change.created else "U", actor="psych-cds",
                                    patient_ref=a.patient_ref,
                                    entity={"alert_id": change.alert_id, "assessment_id": assessment_id},
-                                   detail={"priority": action.priority, "kind": kind, "tier": a.tier.label}))
-            if PRIORITY_RANK[action.priority] > PRIORITY_RANK[top_priority]:
-                top_priority = action.priority
+                                   detail={"priority": priority, "kind": kind, "tier": a.tier.label}))
+            if PRIORITY_RANK[priority] > PRIORITY_RANK[top_priority]:
+                top_priority = priority
         return alert_ids, changed, top_priority
 
     def _enqueue_writeback(self, conn: psycopg.Connection[Any], a: Assessment, assessment_id: int,

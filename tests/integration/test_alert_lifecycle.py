@@ -201,3 +201,57 @@ def test_the_oncall_roster_is_set_and_listed_from_the_command_line(service: Any)
     assert set_.exit_code == 0, set_.output
     listed = runner.invoke(cli, ["oncall", "list"], env=env)
     assert listed.exit_code == 0 and "psychiatrist" in listed.output and "Practitioner/psy-9" in listed.output
+
+
+def test_actions_of_one_alert_kind_are_merged_before_the_alert_is_raised() -> None:
+    from cds.domain import Action
+    from cds.pipeline import alert_requests
+
+    actions = [Action("nurse_alert", "urgent", 240), Action("crisis_resources", "stat", 5),
+               Action("discordance_alert", "urgent", 240), Action("nurse_alert", "stat", 5),
+               Action("nurse_alert", "stat", 3), Action("nurse_alert", "routine", 1)]
+    # kinds in the order they first appear; the highest priority, then the shortest SLA at that priority
+    assert list(alert_requests(actions).items()) == [("risk", ("stat", 3)), ("discordance", ("urgent", 240))]
+    assert alert_requests([Action("nurse_alert", "asap", None)]) == {"risk": ("asap", 15)}  # the manifest's SLA
+    assert alert_requests([Action("referral", "routine", 1440)]) == {}
+
+
+def test_two_actions_of_one_kind_open_and_join_one_alert_once(ehr: Any, clocked: Any, clock: Clock,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import cds.alerts
+
+    calls: list[tuple[str, str, int]] = []
+    real = cds.alerts.raise_alert
+
+    def counting(conn: Any, **kw: Any) -> Any:
+        calls.append((kw["kind"], kw["priority"], kw["sla_minutes"]))
+        return real(conn, **kw)
+
+    monkeypatch.setattr(cds.alerts, "raise_alert", counting)
+    ref = f"Patient/{ehr.create(patient(mrn='MRN-A-M'))['id']}"
+    ehr.create(chat(ref, "I have saved up my pills and I will take them all tonight", session="S-m1"))
+    ingest_cycle(clocked)
+    with clocked.pool.connection() as conn:
+        actions = conn.execute("SELECT actions FROM assessments WHERE patient_ref = %s AND NOT shadow",
+                               (ref,)).fetchone()[0]
+        alerts = conn.execute("SELECT id, kind, priority, due_at, task_version FROM alerts WHERE patient_ref = %s",
+                              (ref,)).fetchall()
+        moves = conn.execute("SELECT count(*) FROM alert_transitions WHERE alert_id = %s", (alerts[0][0],)
+                             ).fetchone()[0]
+        audited = conn.execute("SELECT event_type, detail->>'priority' FROM audit_log WHERE event_type LIKE 'alert.%%'"
+                               " AND patient_ref = %s", (ref,)).fetchall()
+    assert len([x for x in actions if x["kind"] == "nurse_alert"]) >= 2  # the safety net's and the tier's
+    assert calls == [("risk", "stat", 5)]  # one call for the two actions, at the higher priority and its SLA
+    assert [(k, p, due - T0, v) for _, k, p, due, v in alerts] == [("risk", "stat", timedelta(minutes=5), 1)]
+    assert moves == 1 and audited == [("alert.open", "stat")]
+
+    clock.advance(minutes=1)  # the same risk again: the open alert is joined once and not raised
+    ehr.create(chat(ref, "I have saved up my pills and I will take them all tonight", session="S-m2"))
+    ingest_cycle(clocked)
+    with clocked.pool.connection() as conn:
+        again = conn.execute("SELECT id, priority, due_at, task_version FROM alerts WHERE patient_ref = %s",
+                             (ref,)).fetchall()
+        moves = conn.execute("SELECT count(*) FROM alert_transitions WHERE alert_id = %s", (alerts[0][0],)
+                             ).fetchone()[0]
+    assert calls == [("risk", "stat", 5)] * 2
+    assert again == [(alerts[0][0], "stat", alerts[0][3], 1)] and moves == 1
