@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -55,13 +57,43 @@ def authenticate(conn: psycopg.Connection[Any], key: str | None) -> ApiClient:
     return ApiClient(int(row[0]), str(row[1]))
 
 
-def charge(conn: psycopg.Connection[Any], client: ApiClient, now: datetime, per_minute: int) -> int:
-    """Count one request in this minute's window; over the limit raises RateLimitError (429)."""
+def authenticate_and_charge(conn: psycopg.Connection[Any], key: str | None, now: datetime,
+                            per_minute: int) -> ApiClient:
+    """``authenticate`` and count the request in this minute's window, in one statement that commits on
+    its own (one round trip). A revoked or unknown key is refused (401) and charges nothing; over the
+    limit raises RateLimitError (429) and, as when the charge was rolled back, a refused request is not
+    counted: the window's count stops at the limit."""
+    if not key or not key.startswith(KEY_PREFIX):
+        raise AuthError("an API key is required (Authorization: Bearer <key>)")
+    digest = _digest(key)
     window = now.replace(second=0, microsecond=0)
-    row = conn.execute("INSERT INTO rate_windows (client_id, window_start, count) VALUES (%s, %s, 1)"
-                       " ON CONFLICT (client_id, window_start) DO UPDATE SET count = rate_windows.count + 1"
-                       " RETURNING count", (client.id, window)).fetchone()
-    count = int(row[0]) if row else 0
-    if count > per_minute:
+    with _autocommit(conn):
+        row = conn.execute(
+            "WITH client AS (SELECT id, name, key_sha256 FROM api_clients"
+            "   WHERE key_sha256 = %(digest)s AND revoked_at IS NULL),"
+            " charged AS (INSERT INTO rate_windows (client_id, window_start, count)"
+            "   SELECT id, %(window)s, 1 FROM client WHERE %(limit)s >= 1"
+            "   ON CONFLICT (client_id, window_start) DO UPDATE SET count = rate_windows.count + 1"
+            "   WHERE rate_windows.count < %(limit)s RETURNING count)"
+            " SELECT id, name, key_sha256, (SELECT count FROM charged) FROM client",
+            {"digest": digest, "window": window, "limit": per_minute}).fetchone()
+    if row is None or not hmac.compare_digest(row[2], digest):
+        raise AuthError("unknown or revoked API key")
+    if row[3] is None:  # the window is full: nothing was counted
         raise RateLimitError(f"rate limit of {per_minute} requests per minute exceeded")
-    return count
+    return ApiClient(int(row[0]), str(row[1]))
+
+
+@contextmanager
+def _autocommit(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """The statement commits on its own (no BEGIN/COMMIT round trips) when ``conn`` is idle; inside a
+    transaction it is part of that transaction."""
+    if conn.autocommit or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        yield
+        return
+    conn.autocommit = True
+    try:
+        yield
+    finally:
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:  # else broken: the pool drops it
+            conn.autocommit = False

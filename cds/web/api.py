@@ -65,12 +65,17 @@ def healthz() -> Any:
     return jsonify(body), 200 if body["status"] != "error" else 503
 
 
+def request_api_key() -> str | None:
+    """The API key the request presents: Bearer or X-API-Key."""
+    header = request.headers.get("Authorization", "")
+    return header[7:] if header.lower().startswith("bearer ") else request.headers.get("X-API-Key")
+
+
 def api_client(conn: Any = None) -> Any:
     """The calling integration, by its API key (``cds clients add``): Bearer or X-API-Key; 401 otherwise."""
     from cds.store import clients
 
-    header = request.headers.get("Authorization", "")
-    key = header[7:] if header.lower().startswith("bearer ") else request.headers.get("X-API-Key")
+    key = request_api_key()
     if conn is not None:
         return clients.authenticate(conn, key)
     with service().pool.connection() as own:

@@ -17,7 +17,7 @@ from cds.domain import FLAG_HARM_TO_OTHERS, FLAG_INDETERMINATE, Assessment, Risk
 from cds.errors import InputError, NotAssessed
 from cds.store import clients
 from cds.web import service
-from cds.web.api import api_client
+from cds.web.api import request_api_key
 
 bp = Blueprint("screen", __name__, url_prefix="/api/v1")
 
@@ -99,10 +99,8 @@ def screen() -> Any:
 
     svc = service()
     now = datetime.now(UTC)
-    with svc.pool.connection() as conn:
-        client = api_client(conn)
-        clients.charge(conn, client, now, svc.settings.screen_rate_per_min)
-        conn.commit()
+    with svc.pool.connection() as conn:  # one statement: the key checked and the request counted
+        client = clients.authenticate_and_charge(conn, request_api_key(), now, svc.settings.screen_rate_per_min)
     body = request.get_json(silent=True)
     if body is None:
         raise InputError("body must be JSON (Content-Type: application/json)")

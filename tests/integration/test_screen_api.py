@@ -81,6 +81,38 @@ def test_missing_or_wrong_key_is_401_and_the_rate_limit_is_429(client: Any, api_
     assert statuses[:3] == [200, 200, 200] and statuses[-1] == 429
 
 
+def test_a_full_rate_window_counts_no_more_and_a_revoked_key_is_refused_at_once(
+        client: Any, api_key: str, service: Any) -> None:
+    import time
+    from dataclasses import replace
+    from datetime import datetime
+
+    from cds.store import clients
+
+    def window_counts() -> list[int]:
+        with service.pool.connection() as conn:
+            return [r[0] for r in conn.execute("SELECT count FROM rate_windows ORDER BY window_start")]
+
+    if datetime.now().second >= 50:  # all of it in one minute's window
+        time.sleep(61 - datetime.now().second)
+    service.settings = replace(service.settings, screen_rate_per_min=2)
+    msg = {"patient": "Patient/p-6", "conversation": "c-6", "message": "hello"}
+    statuses = [_screen(client, api_key, {**msg, "message_id": str(i)}) for i in range(4)]
+    assert [r.status_code for r in statuses] == [200, 200, 429, 429]
+    assert statuses[2].get_json() == {"resourceType": "OperationOutcome", "issue": [{
+        "severity": "error", "code": "throttled", "diagnostics": "rate limit of 2 requests per minute exceeded"}]}
+    assert window_counts() == [2]  # refused requests are not counted (the window does not keep growing)
+    with service.pool.connection() as conn:
+        assert clients.revoke_client(conn, "test-client")
+        conn.commit()
+    service.settings = replace(service.settings, screen_rate_per_min=100)
+    revoked = _screen(client, api_key, {**msg, "message_id": "after-revocation"})
+    assert revoked.status_code == 401  # the very next request: nothing cached
+    assert revoked.get_json()["issue"][0]["diagnostics"] == "unknown or revoked API key"
+    assert window_counts() == [2]  # a refused key charges nothing
+    assert _screen(client, "cds_" + "x" * 43, msg).status_code == 401 and window_counts() == [2]
+
+
 def test_a_failed_assessment_is_a_503_the_message_is_kept_and_the_workers_assess_it(
         client: Any, api_key: str, service: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # Fault injection (the only stand-in in this file): the rule engine fails once, as a bug or a bad
