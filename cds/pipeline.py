@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -26,6 +27,7 @@ from cds.store import assessments as assessment_store
 from cds.store import events as event_store
 from cds.store import outbox
 from cds.store.cipher import Cipher
+from cds.store.db import pipelined_transaction
 
 if TYPE_CHECKING:
     from cds.alerts import Alert
@@ -254,6 +256,34 @@ def _savepoints_only_if_needed(run: Callable[[bool], _T]) -> _T:
         return run(True)
 
 
+@contextmanager
+def _transaction(conn: psycopg.Connection[Any], *, pipelined: bool) -> Iterator[None]:
+    """One unit of work's transaction; in psycopg's pipeline mode when ``pipelined``: a statement whose
+    answer is not read (an UPDATE, an INSERT without RETURNING) is sent without waiting for it and shares
+    the next round trip, and queries sent together are answered in one.
+
+    A failing statement then raises at the next read or at the commit, in whatever code runs then. So
+    only the first try runs pipelined: any error rolls it back as a whole, whichever statement raised
+    it, and the same exception (a full disk is still a DiskFull) reaches ``_savepoints_only_if_needed``.
+    The retry with a savepoint per event runs statement by statement, so each error is raised inside
+    its own event's savepoint and is charged to that event only."""
+    if pipelined and psycopg.Pipeline.is_supported():
+        with pipelined_transaction(conn):
+            yield
+    else:
+        with conn.transaction():
+            yield
+
+
+@dataclass(frozen=True)
+class _EventReads:
+    """The store's answers one event's processing needs, each read when called (``Pipeline._send_reads``)."""
+
+    newer_version_done: Callable[[], bool]
+    conversation: Callable[[], list[event_store.StoredEvent]]
+    recent_signals: Callable[[], list[Signal]]
+
+
 def _log_processed(results: Sequence[Processed]) -> None:
     """After the commit: one line per batch (counts and tiers, no PHI), one DEBUG line per event."""
     if not results:
@@ -317,14 +347,14 @@ class Pipeline:
 
     def _ingest_and_process(self, resource: Any, source: str, actor: str, *, guarded: bool
                             ) -> tuple[IngestResult, Processed | None]:
-        with self.pool.connection() as conn, conn.transaction():
+        with self.pool.connection() as conn, _transaction(conn, pipelined=not guarded):
             audits: list[dict[str, Any]] = []
             result = self._store_inputs(conn, [resource], source, actor, audits)[0]
             processed = None
             if result.event_id is not None and not result.duplicate and result.event is not None:
                 # Inserted by this transaction: no other worker can see it, let alone claim it.
                 stored = event_store.StoredEvent(id=result.event_id, attempts=0, event=result.event)
-                ids = assessment_store.AssessmentIds(conn, self._assessments_per_event)
+                ids = assessment_store.AssessmentIds(conn, self._assessments_per_event, ahead=True)
                 processed = (self._process_guarded(conn, stored, audits, ids) if guarded
                              else self._process(conn, stored, audits, ids))
             _append_audits(conn, audits)
@@ -390,10 +420,11 @@ class Pipeline:
 
     def _process_batch(self, size: int, *, guarded: bool) -> list[Processed]:
         results: list[Processed] = []
-        with self.pool.connection() as conn, conn.transaction():
+        with self.pool.connection() as conn, _transaction(conn, pipelined=not guarded):
             audits: list[dict[str, Any]] = []
             claimed = event_store.claim_pending(conn, self.cipher, size)
-            ids = assessment_store.AssessmentIds(conn, len(claimed) * self._assessments_per_event)
+            ids = assessment_store.AssessmentIds(conn, len(claimed) * self._assessments_per_event,
+                                                 ahead=bool(claimed))
             # Patient row locks are taken in patient order, so concurrent workers never deadlock.
             for stored in sorted(claimed, key=lambda s: (s.event.patient_ref, s.id)):
                 results.append(self._process_guarded(conn, stored, audits, ids) if guarded
@@ -427,8 +458,8 @@ class Pipeline:
                                    detail={"error": error}))
             return Processed(stored.id, "failed" if status == "failed" else "retry")
 
-    def _history(self, conn: psycopg.Connection[Any], state: assessment_store.PatientState,
-                 now: datetime) -> History:
+    def _history(self, conn: psycopg.Connection[Any], state: assessment_store.PatientState, now: datetime,
+                 recent: Callable[[], list[Signal]]) -> History:
         """Previous tier and recent signals from the store; diagnoses, prior attempt and age from the
         EHR, asked at most once a day per patient. If the EHR cannot answer, they stay unknown."""
         if self.history_source is not None and (
@@ -442,8 +473,6 @@ class Pipeline:
                 state = assessment_store.PatientState(
                     state.patient_ref, state.current_tier, state.tier_since, fetched.conditions,
                     fetched.prior_attempt, fetched.birth_date, now)
-        recent = assessment_store.recent_signals(conn, state.patient_ref, now - timedelta(days=LOOKBACK_DAYS),
-                                                 self.engines.lookback_signals)
         age = None
         if state.birth_date is not None:
             today = now.date()
@@ -451,7 +480,21 @@ class Pipeline:
                                                          (state.birth_date.month, state.birth_date.day))
         return History(previous_tier=state.current_tier if state.current_tier > RiskTier.NONE else None,
                        prior_attempt=state.prior_attempt, conditions=state.conditions or (), age_years=age,
-                       recent_signals=tuple(recent))
+                       recent_signals=tuple(recent()))
+
+    def _send_reads(self, conn: psycopg.Connection[Any], stored: event_store.StoredEvent,
+                    now: datetime) -> _EventReads:
+        """What processing an event reads from the store, asked at once (none depends on another's answer)."""
+        event = stored.event
+        conversation: Callable[[], list[event_store.StoredEvent]] = list
+        if event.resource_type == "Communication":
+            conversation = event_store.conversation_messages_deferred(conn, self.cipher, stored,
+                                                                      limit=CONTEXT_MESSAGES)
+        return _EventReads(
+            newer_version_done=event_store.newer_version_done_deferred(conn, stored),
+            conversation=conversation,
+            recent_signals=assessment_store.recent_signals_deferred(
+                conn, event.patient_ref, now - timedelta(days=LOOKBACK_DAYS), self.engines.lookback_signals))
 
     def _process(self, conn: psycopg.Connection[Any], stored: event_store.StoredEvent,
                  audits: list[dict[str, Any]], ids: assessment_store.AssessmentIds) -> Processed:
@@ -459,19 +502,23 @@ class Pipeline:
 
         event = stored.event
         now = self.clock()
-        state = assessment_store.lock_patient(conn, event.patient_ref, self.settings.default_ward)
-        if event_store.newer_version_done(conn, stored):
+        # The patient's lock, then what is read under it, sent together: in pipeline mode one round trip,
+        # and the reads still run after the lock is granted (a new patient's are sent again once it is).
+        locked = assessment_store.lock_patient_deferred(conn, event.patient_ref, self.settings.default_ward)
+        reads = self._send_reads(conn, stored, now)
+        state, new_patient = locked()
+        if new_patient:
+            reads = self._send_reads(conn, stored, now)
+        if reads.newer_version_done():
             event_store.mark_event(conn, stored.id, "superseded")
             return Processed(stored.id, "superseded")
         context: list[str] = []
         if event.resource_type == "Communication":
             from integrations.fhir.mapping import communication_text, is_patient_authored
 
-            context = [communication_text(m.event.resource)
-                       for m in event_store.conversation_messages(conn, self.cipher, stored,
-                                                                  limit=CONTEXT_MESSAGES)
+            context = [communication_text(m.event.resource) for m in reads.conversation()
                        if is_patient_authored(m.event.resource, event.patient_ref)]
-        history = self._history(conn, state, now)
+        history = self._history(conn, state, now, reads.recent_signals)
         assessed = assess(event, history, self.engines, now=now, context=context)
         if assessed is None:
             event_store.mark_event(conn, stored.id, "done")
@@ -547,8 +594,9 @@ class Pipeline:
                 alone.append(alert)
             else:
                 bundle = joined
-        outbox.enqueue(conn, self.cipher, dedupe_key=f"assessment:{assessment_id}", kind="assessment-writeback",
-                       patient_ref=a.patient_ref, payload=bundle)
+        # Its answer (queued, or there already) was never used: in pipeline mode it is not waited for.
+        outbox.enqueue_deferred(conn, self.cipher, dedupe_key=f"assessment:{assessment_id}",
+                                kind="assessment-writeback", patient_ref=a.patient_ref, payload=bundle)
         for alert in alone:  # after the write-back: one patient's outbox rows are delivered in order
             mirror_alert(conn, self.cipher, alert, self.settings)
 

@@ -316,9 +316,12 @@ def _prepare(*, event_type: str, action: str, actor: str, role: str | None = Non
 
 
 def own_transaction(conn: psycopg.Connection[Any]) -> AbstractContextManager[Any]:
-    """A transaction when ``conn`` is in autocommit mode (so locks last until the work is done),
-    else nothing: the caller's transaction is used."""
-    return conn.transaction() if conn.autocommit else nullcontext()
+    """A transaction when ``conn`` is in autocommit mode with none open (so locks last until the work is
+    done), else nothing: the caller's transaction is used (one it opened itself with BEGIN included,
+    as ``cds.store.db.pipelined_transaction`` does)."""
+    if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        return conn.transaction()
+    return nullcontext()
 
 
 def _append(conn: psycopg.Connection[Any], records: Sequence[_Prepared]) -> int:

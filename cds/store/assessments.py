@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -32,24 +32,35 @@ def allocate_ids(conn: psycopg.Connection[Any], n: int) -> list[int]:
     """``n`` new assessment ids, ascending, in one statement. An assessment's id must be known before
     its INSERT because the signals' ciphertext binds it (AAD); an id drawn and never used is a gap in
     the sequence, as after any rolled-back insert."""
-    rows = conn.execute(f"SELECT nextval('{ID_SEQUENCE}') FROM generate_series(1, %s)", (n,)).fetchall()
-    return sorted(int(r[0]) for r in rows)
+    return allocate_ids_deferred(conn, n)()
+
+
+def allocate_ids_deferred(conn: psycopg.Connection[Any], n: int) -> Callable[[], list[int]]:
+    """``allocate_ids``, asked now and read when called (in pipeline mode the statement shares the next
+    round trip)."""
+    cur = conn.execute(f"SELECT nextval('{ID_SEQUENCE}') FROM generate_series(1, %s)", (n,))
+    return lambda: sorted(int(r[0]) for r in cur.fetchall())
 
 
 class AssessmentIds:
     """Ids drawn ahead for one transaction's assessments (a worker batch: up to ``size``), so the batch
-    draws them in one statement and each assessment is then one INSERT."""
+    draws them in one statement and each assessment is then one INSERT. ``ahead``: ask for them at once
+    (in pipeline mode with the next round trip, e.g. the patient's lock) instead of at the first take."""
 
-    def __init__(self, conn: psycopg.Connection[Any], size: int) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], size: int, *, ahead: bool = False) -> None:
         self._conn = conn
         self._size = max(1, size)
         self._ids: list[int] = []  # ascending
+        self._drawing = allocate_ids_deferred(conn, self._size) if ahead else None
 
     def take(self, n: int, *, after: int | None = None) -> list[int]:
         """``n`` ids, ascending, each above ``after`` (the patient's last assessment id). Ids drawn
         ahead can be below one another worker has since given this patient; then fresh ones are drawn,
         so one patient's assessments stay in the order they were made (readers take the highest id as
         the latest), and the ids drawn ahead are left for other patients."""
+        if self._drawing is not None:
+            self._ids += self._drawing()
+            self._drawing = None
         if after is not None and self._ids and self._ids[0] <= after:
             return allocate_ids(self._conn, n)
         if len(self._ids) < n:
@@ -89,16 +100,23 @@ def recent_signals(conn: psycopg.Connection[Any], patient_ref: str, since: datet
                    names: Collection[str] | None = None) -> list[Signal]:
     """Earlier live signals of this patient (from the non-PHI summary), oldest first; only those named
     in ``names`` when given (the ones rules count: a chatty patient's history is mostly other signals)."""
+    return recent_signals_deferred(conn, patient_ref, since, names)()
+
+
+def recent_signals_deferred(conn: psycopg.Connection[Any], patient_ref: str, since: datetime,
+                            names: Collection[str] | None = None) -> Callable[[], list[Signal]]:
+    """``recent_signals``, asked now and read when called (in pipeline mode the query shares the next
+    round trip)."""
     wanted = sorted(names) if names is not None else None
-    rows = conn.execute(
+    cur = conn.execute(
         "SELECT a.created_at, s FROM assessments a, jsonb_array_elements(a.signal_summary) WITH ORDINALITY AS x(s, n)"
         " WHERE a.patient_ref = %s AND NOT a.shadow AND a.created_at >= %s"
         " AND (%s::text[] IS NULL OR s->>'name' = ANY(%s::text[])) ORDER BY a.id, x.n",
         (patient_ref, since, wanted, wanted))
-    return [Signal(name=s["name"], value=s.get("value"), source=s.get("source", ""),
-                   tier=RiskTier.from_label(s["tier"]) if s.get("tier") else None,
-                   missing=tuple(s.get("missing") or ()), observed_at=created_at)
-            for created_at, s in rows]
+    return lambda: [Signal(name=s["name"], value=s.get("value"), source=s.get("source", ""),
+                           tier=RiskTier.from_label(s["tier"]) if s.get("tier") else None,
+                           missing=tuple(s.get("missing") or ()), observed_at=created_at)
+                    for created_at, s in cur.fetchall()]
 
 
 @dataclass(frozen=True)
@@ -113,18 +131,35 @@ class PatientState:
     last_assessment_id: int | None = None
 
 
+_LOCK_PATIENT = ("SELECT current_tier, tier_since, conditions, prior_attempt, birth_date, history_checked_at,"
+                 " last_assessment_id FROM patients WHERE patient_ref = %s FOR UPDATE")
+
+
 def lock_patient(conn: psycopg.Connection[Any], patient_ref: str, ward: str | None = None) -> PatientState:
     """Serialise work on one patient across workers (row lock), returning the current state."""
-    query = ("SELECT current_tier, tier_since, conditions, prior_attempt, birth_date, history_checked_at,"
-             " last_assessment_id FROM patients WHERE patient_ref = %s FOR UPDATE")
-    row = conn.execute(query, (patient_ref,)).fetchone()
-    if row is None:  # first time this patient is seen (a known patient costs one statement)
-        conn.execute("INSERT INTO patients (patient_ref, ward) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                     (patient_ref, ward))
-        row = conn.execute(query, (patient_ref,)).fetchone()
-    assert row is not None
-    return PatientState(patient_ref, RiskTier(row[0]), row[1],
-                        tuple(row[2]) if row[2] is not None else None, row[3], row[4], row[5], row[6])
+    return lock_patient_deferred(conn, patient_ref, ward)()[0]
+
+
+def lock_patient_deferred(conn: psycopg.Connection[Any], patient_ref: str, ward: str | None = None
+                          ) -> Callable[[], tuple[PatientState, bool]]:
+    """``lock_patient`` in two halves: the row lock is asked for now, and calling the result reads the
+    state. In pipeline mode, statements sent in between share the lock's round trip and run once the
+    lock is granted, as if sent after it. The second value says the row did not exist when they ran (a
+    new patient): they then ran without the lock, and what they read must be read again."""
+    cur = conn.execute(_LOCK_PATIENT, (patient_ref,))
+
+    def read() -> tuple[PatientState, bool]:
+        row = cur.fetchone()
+        new = row is None
+        if row is None:  # first time this patient is seen (a known patient costs one statement)
+            conn.execute("INSERT INTO patients (patient_ref, ward) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                         (patient_ref, ward))
+            row = conn.execute(_LOCK_PATIENT, (patient_ref,)).fetchone()
+        assert row is not None
+        return PatientState(patient_ref, RiskTier(row[0]), row[1], tuple(row[2]) if row[2] is not None else None,
+                            row[3], row[4], row[5], row[6]), new
+
+    return read
 
 
 def save_history(conn: psycopg.Connection[Any], patient_ref: str, conditions: tuple[str, ...],

@@ -11,11 +11,14 @@ import hashlib
 import logging
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
 from cds.errors import StoreError
@@ -104,6 +107,42 @@ def open_pool(url: str, *, min_size: int = 1, max_size: int = 8, name: str = "cd
     )
     pool.open(wait=True, timeout=30)
     return pool
+
+
+@contextmanager
+def pipelined_transaction(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """One transaction in psycopg's pipeline mode: a statement whose answer is not read is sent without
+    waiting for it and shares the next round trip, and statements sent together are answered in one.
+
+    BEGIN and COMMIT are sent in the pipeline as statements (the connection is in autocommit mode
+    meanwhile, so psycopg adds no BEGIN of its own): psycopg's ``transaction()`` inside a pipeline waits
+    for its BEGIN and syncs twice at its end, three round trips more. Everything is answered by the
+    pipeline's closing Sync; a statement's error is raised at the next read or there, and then the
+    transaction is rolled back, as after an exception in the block. After an error the server skips
+    every statement up to that Sync, COMMIT included; should a COMMIT still find the transaction
+    aborted (it then rolls back), that is raised too, never taken for a commit."""
+    if conn.autocommit or conn.info.transaction_status != TransactionStatus.IDLE:
+        raise psycopg.ProgrammingError("pipelined_transaction needs an idle connection outside autocommit")
+    conn.autocommit = True
+    try:
+        with conn.pipeline():
+            conn.execute("BEGIN")
+            yield
+            commit = conn.execute("COMMIT")
+        if commit.statusmessage != "COMMIT":
+            raise psycopg.errors.InFailedSqlTransaction(
+                f"the transaction was not committed ({commit.statusmessage})")
+    except BaseException:
+        if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+            try:
+                conn.execute("ROLLBACK")
+            except psycopg.Error as exc:  # the block's error is the one to raise; the pool resets the connection
+                log.warning("rollback after a failed pipelined transaction failed",
+                            extra={"error": exc.__class__.__name__})
+        raise
+    finally:
+        if conn.info.transaction_status == TransactionStatus.IDLE:  # else broken: the pool discards it
+            conn.autocommit = False
 
 
 def migration_files() -> list[Path]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,14 +93,20 @@ def known_versions(conn: psycopg.Connection[Any], source: str, resource_type: st
 
 def newer_version_done(conn: psycopg.Connection[Any], stored: StoredEvent) -> bool:
     """True when a later version of the same resource was already assessed (newest state wins)."""
+    return newer_version_done_deferred(conn, stored)()
+
+
+def newer_version_done_deferred(conn: psycopg.Connection[Any], stored: StoredEvent) -> Callable[[], bool]:
+    """``newer_version_done``, asked now and read when called (in pipeline mode the query shares the next
+    round trip)."""
     ev = stored.event
-    if ev.received_at is None:  # no version time to compare (the screening API's messages)
-        return False
-    row = conn.execute(
+    if ev.received_at is None:  # no version time to compare
+        return lambda: False
+    cur = conn.execute(
         "SELECT 1 FROM events WHERE source = %s AND resource_type = %s AND resource_id = %s AND id <> %s"
         " AND status = 'done' AND source_updated > %s LIMIT 1",
-        (ev.source, ev.resource_type, ev.resource_id, stored.id, ev.received_at)).fetchone()
-    return row is not None
+        (ev.source, ev.resource_type, ev.resource_id, stored.id, ev.received_at))
+    return lambda: cur.fetchone() is not None
 
 
 def mark_event(conn: psycopg.Connection[Any], event_id: int, status: str, error: str | None = None) -> None:
@@ -123,14 +129,21 @@ def record_failure(conn: psycopg.Connection[Any], event_id: int, error: str, max
 def conversation_messages(conn: psycopg.Connection[Any], cipher: Cipher, stored: StoredEvent,
                           limit: int = 20) -> list[StoredEvent]:
     """Earlier messages of the same conversation (oldest first), for conversation-level context."""
+    return conversation_messages_deferred(conn, cipher, stored, limit)()
+
+
+def conversation_messages_deferred(conn: psycopg.Connection[Any], cipher: Cipher, stored: StoredEvent,
+                                   limit: int = 20) -> Callable[[], list[StoredEvent]]:
+    """``conversation_messages``, asked now and read (and decrypted) when called (in pipeline mode the
+    query shares the next round trip)."""
     ev = stored.event
     if not ev.conversation_id:
-        return []
-    rows = conn.execute(
+        return lambda: []
+    cur = conn.execute(
         f"SELECT {_EVENT_COLUMNS} FROM events WHERE patient_ref = %s AND conversation_id = %s AND id < %s"
         " AND resource_type = 'Communication' ORDER BY id DESC LIMIT %s",
-        (ev.patient_ref, ev.conversation_id, stored.id, limit)).fetchall()
-    return [_load(conn, cipher, row) for row in reversed(rows)]
+        (ev.patient_ref, ev.conversation_id, stored.id, limit))
+    return lambda: [_load(conn, cipher, row) for row in reversed(cur.fetchall())]
 
 
 def quarantine_input(conn: psycopg.Connection[Any], cipher: Cipher, *, source: str, payload: Any,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -36,11 +37,19 @@ class OutboxItem:
 def enqueue(conn: psycopg.Connection[Any], cipher: Cipher, *, dedupe_key: str, kind: str, patient_ref: str | None,
             payload: dict[str, Any]) -> bool:
     """Queue one FHIR write (once per dedupe key). Returns False when it was already queued."""
+    return enqueue_deferred(conn, cipher, dedupe_key=dedupe_key, kind=kind, patient_ref=patient_ref,
+                            payload=payload)()
+
+
+def enqueue_deferred(conn: psycopg.Connection[Any], cipher: Cipher, *, dedupe_key: str, kind: str,
+                     patient_ref: str | None, payload: dict[str, Any]) -> Callable[[], bool]:
+    """``enqueue``, sent now; calling the result says whether it was queued (in pipeline mode a caller
+    that never asks does not wait for the INSERT: it shares the next round trip)."""
     blob = seal_json(cipher, conn, patient_ref or "system", payload, _aad(dedupe_key))
-    row = conn.execute("INSERT INTO outbox (dedupe_key, kind, patient_ref, payload_enc) VALUES (%s, %s, %s, %s)"
+    cur = conn.execute("INSERT INTO outbox (dedupe_key, kind, patient_ref, payload_enc) VALUES (%s, %s, %s, %s)"
                        " ON CONFLICT (dedupe_key) DO NOTHING RETURNING id",
-                       (dedupe_key, kind, patient_ref, blob)).fetchone()
-    return row is not None  # the insert trigger wakes the delivering workers (migration 0007)
+                       (dedupe_key, kind, patient_ref, blob))
+    return lambda: cur.fetchone() is not None  # the insert trigger wakes the delivering workers (migration 0007)
 
 
 def claim_due(conn: psycopg.Connection[Any], cipher: Cipher, limit: int) -> list[OutboxItem]:

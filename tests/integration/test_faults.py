@@ -177,3 +177,70 @@ def test_an_event_that_cannot_be_assessed_is_parked_and_the_rest_of_its_batch_is
         assessed_again = conn.execute("SELECT count(*) FROM assessments a JOIN events e ON e.id = a.event_id"
                                       " WHERE e.patient_ref = %s AND NOT a.shadow", (ref,)).fetchone()[0]
     assert (status, attempts, audited, assessed_again) == ("failed", 5, 1, 2)
+
+
+REFUSALS = {  # a statement the database refuses for one patient only, as a constraint would
+    # its assessment INSERT, in the middle of its event (the next read is its alert's)
+    "assessment": ("assessments", "INSERT", "TRUE"),
+    # the UPDATE marking its event done, its last statement: in the batch the next read is the next
+    # event's patient lock, so the error comes back while the first try is processing another event
+    "done": ("events", "UPDATE", "NEW.status = 'done'"),
+}
+
+
+def _refuse(admin_url: str, what: str, patient_ref: str) -> None:
+    table, op, condition = REFUSALS[what]
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"""CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+              IF NEW.patient_ref = '{patient_ref.replace("'", "''")}' AND {condition} THEN
+                RAISE EXCEPTION 'refused by the test' USING ERRCODE = 'check_violation';
+              END IF;
+              RETURN NEW;
+            END $$""")
+        conn.execute(f"CREATE TRIGGER test_refuse BEFORE {op} ON {table} FOR EACH ROW EXECUTE FUNCTION test_refuse()")
+
+
+@pytest.mark.parametrize("what", sorted(REFUSALS))
+def test_a_statement_failing_in_pipeline_mode_rolls_back_only_its_event_in_the_retry(
+        ehr: Any, service: Any, db_admin_url: str, what: str, caplog: pytest.LogCaptureFixture) -> None:
+    from compliance import audit
+
+    refs = sorted(f"Patient/{ehr.create(patient(mrn=f'MRN-F-PL-{what}-{i}'))['id']}" for i in range(3))
+    for ref in refs:  # the batch takes patient locks in this order: the refused one is in the middle
+        ehr.create(chat(ref, "I have saved up my pills and I will take them all tonight", session=f"S-{ref}"))
+    _refuse(db_admin_url, what, refs[1])
+    with caplog.at_level("WARNING", logger="cds.pipeline"):
+        ingest_cycle(service)  # one batch: the pipelined try fails as a whole, the retry event by event
+    assert any("doing it again event by event" in r.getMessage() for r in caplog.records)
+    with service.pool.connection() as conn:
+        events = {r[0]: r[1:] for r in conn.execute(
+            "SELECT patient_ref, status, attempts, last_error FROM events WHERE patient_ref = ANY(%s)", (refs,))}
+        assessed = dict(conn.execute("SELECT patient_ref, count(*) FROM assessments WHERE NOT shadow"
+                                     " AND patient_ref = ANY(%s) GROUP BY patient_ref", (refs,)).fetchall())
+        alerts = dict(conn.execute("SELECT patient_ref, count(*) FROM alerts WHERE patient_ref = ANY(%s)"
+                                   " GROUP BY patient_ref", (refs,)).fetchall())
+        written = dict(conn.execute("SELECT patient_ref, count(*) FROM outbox WHERE patient_ref = ANY(%s)"
+                                    " GROUP BY patient_ref", (refs,)).fetchall())
+        verified = audit.verify(conn)
+    assert [events[r][:2] for r in refs] == [("done", 1), ("pending", 1), ("done", 1)]  # only its own counted
+    assert "CheckViolation: refused by the test" in events[refs[1]][2]
+    assert (assessed, alerts) == ({refs[0]: 1, refs[2]: 1}, {refs[0]: 1, refs[2]: 1})  # nothing doubled
+    assert refs[1] not in written and written[refs[0]] >= 1
+    assert verified.ok
+
+
+def test_a_statement_failing_in_pipeline_mode_on_the_screening_path_keeps_the_message(
+        client: Any, api_key: str, service: Any, db_admin_url: str) -> None:
+    _refuse(db_admin_url, "done", "Patient/p-refused")
+    body = {"patient": "Patient/p-refused", "conversation": "c-r", "message": "I will take all my pills tonight"}
+    r = client.post("/api/v1/screen", json=body, headers={"Authorization": f"Bearer {api_key}"})
+    assert r.status_code == 503 and r.headers["Retry-After"]
+    assert "not yet screened" in r.get_json()["issue"][0]["diagnostics"]
+    with service.pool.connection() as conn:
+        rows = conn.execute("SELECT status, attempts, last_error FROM events WHERE patient_ref = 'Patient/p-refused'"
+                            ).fetchall()
+        assessed = conn.execute("SELECT count(*) FROM assessments WHERE patient_ref = 'Patient/p-refused'"
+                                ).fetchone()[0]
+    assert [r[:2] for r in rows] == [("pending", 1)] and "refused by the test" in rows[0][2]
+    assert assessed == 0
