@@ -66,6 +66,7 @@ class Lexicon:
     second_person: re.Pattern[str]
     third_person: re.Pattern[str]
     object_markers: re.Pattern[str] | None  # a second/third-person word right after one is an object, not a subject
+    possessive_markers: re.Pattern[str] | None  # a second/third-person word right before one is a possessor (你们的评论)
     negation_window: int
     context_window: int
 
@@ -269,6 +270,8 @@ def parse_lexicon(data: Mapping[str, Any], where: str = "lexicon") -> Lexicon:
         third_person=_compile(subjects.get("third"), f"{where}: subjects.third"),
         object_markers=_compile(f"(?:{subjects['object_markers']})$", f"{where}: subjects.object_markers")
         if subjects.get("object_markers") else None,
+        possessive_markers=_compile(f"(?:{subjects['possessive_markers']})", f"{where}: subjects.possessive_markers")
+        if subjects.get("possessive_markers") else None,
         negation_window=int(settings.get("negation_window", 20)),
         context_window=int(settings.get("context_window", 200)),
     )
@@ -328,6 +331,9 @@ def _last_subject(lex: Lexicon, prefix: str) -> str | None:
             # skipped this way, never the speaker, so the rule can only count a match, never discount one.
             if person != "first" and lex.object_markers is not None and lex.object_markers.search(prefix, 0, m.start()):
                 continue
+            # "看了你们的评论 越来越想割腕": 你们 owns the comments; whoever wants to cut is not named there.
+            if person != "first" and lex.possessive_markers is not None and lex.possessive_markers.match(prefix, m.end()):
+                continue
             if best is None or m.end() > best[0] or (m.end() == best[0] and person == "first"):
                 best = (m.end(), person)
     return best[1] if best else None
@@ -354,13 +360,14 @@ def _first_subject(lex: Lexicon, prefix: str) -> str | None:
 def _negated(lex: Lexicon, doc: _Doc, start: int, opener: str | None) -> bool:
     """``opener``: the person of a subject word the match starts with (``_opening_subject``), if any."""
     lo = max(doc.negation_start(start), start - lex.negation_window)
-    window = doc.norm[lo:start]
     cue = None
-    for m in lex.negation_cues.finditer(window):
+    # Searched in the whole text (from lo to start), so a cue's look-behind sees the word it may be part of:
+    # 特别 is not 别, 有没有 is not 没, 忍不住 is not 不.
+    for m in lex.negation_cues.finditer(doc.norm, lo, start):
         cue = m
     if cue is None:
         return False
-    between = window[cue.end():]
+    between = doc.norm[cue.end():start]
     # "I don't know, I want to die" / "过得不爽了你们都得死": a new subject after the cue ends its scope,
     # and so does one the match itself opens with ("不爽了" + "你们都得死": the cue negates 爽, not 死).
     return opener is None and not any(rx.search(between) for _, rx in lex.persons)

@@ -177,6 +177,50 @@ def test_cantonese_negation_third_person_and_everyday_words(text: str) -> None:
     assert tier(text) is None
 
 
+@pytest.mark.parametrize("text,expected", [  # lexicon zh 1.5.0: words that hold a negation character but negate nothing
+    ("我忍不住想死", RiskTier.MODERATE), ("我控制不住想自杀", RiskTier.MODERATE), ("受不了了想死", RiskTier.MODERATE),
+    ("我今天特别想死", RiskTier.HIGH), ("每天没事就想去死", RiskTier.MODERATE), ("这样还不如去死", RiskTier.MODERATE),
+    ("已经有过无数次自杀的念头了", RiskTier.MODERATE), ("活着不开心想死", RiskTier.MODERATE),
+    ("我怎么还不死啊 好想死", RiskTier.MODERATE),  # a space ends the scope of 不 as a comma does
+    ("有没有烧炭的呀", RiskTier.HIGH),  # 有没有 asks; it does not negate
+])
+def test_false_negation_cues_do_not_hide_intent(text: str, expected: RiskTier) -> None:
+    assert tier(text, "zh") == expected
+
+
+@pytest.mark.parametrize("text", [
+    "真他妈的想死",  # an expletive, not a third person
+    "看了你们的评论 越来越想割腕",  # 你们 owns the comments (possessive)
+    "我想去找你，离开这个世界",  # 你 is the object of 找
+    "活的很绝望啊，想带着儿子一起去死",  # 儿子 is the object of 带着
+    "快让我死吧",  # a wish, not someone telling me to die
+])
+def test_objects_possessors_and_expletives_are_not_the_subject(text: str) -> None:
+    result = safety_net_scan(text, "zh")
+    assert result.tier is not None and result.tier >= RiskTier.MODERATE, result.hits
+
+
+@pytest.mark.parametrize("text", ["有没有人一起去死", "组团去死的有吗", "有没有一起烧炭的", "约好一起跳河"])
+def test_suicide_pact_is_a_plan(text: str) -> None:
+    result = safety_net_scan(text, "zh")
+    assert result.tier is not None and result.tier >= RiskTier.HIGH
+    assert "plan" in result.kinds
+
+
+@pytest.mark.parametrize("text", ["哪里买那么多安眠药呀", "要买哪种炭啊", "有人知道烧炭的步骤吗"])
+def test_seeking_means_is_at_least_high(text: str) -> None:
+    result = safety_net_scan(text, "zh")
+    assert result.tier is not None and result.tier >= RiskTier.HIGH
+
+
+@pytest.mark.parametrize("text", ["他让我去死", "我不想死", "我从来没想过自杀", "我朋友说她想死", "你的朋友想自杀吗",
+                                  "要死一起死，怕什么", "我们一起去吃饭吧"])
+def test_the_1_5_0_changes_leave_these_uncounted(text: str) -> None:
+    result = safety_net_scan(text, "zh")
+    assert result.tier is None, result.hits
+    assert "plan" not in result.kinds
+
+
 @pytest.mark.parametrize("text", [
     "我打算跳楼", "我计划下周自杀", "我想好了怎么死", "我想割腕", "我想死，已经查好了楼层",
     "I'm planning to kill myself", "I'm going to jump off the bridge", "I want to hang myself",
