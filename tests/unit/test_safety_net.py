@@ -183,6 +183,7 @@ def test_cantonese_negation_third_person_and_everyday_words(text: str) -> None:
     ("已经有过无数次自杀的念头了", RiskTier.MODERATE), ("活着不开心想死", RiskTier.MODERATE),
     ("我怎么还不死啊 好想死", RiskTier.MODERATE),  # a space ends the scope of 不 as a comma does
     ("有没有烧炭的呀", RiskTier.HIGH),  # 有没有 asks; it does not negate
+    ("情绪糟糕的时候不停想自杀", RiskTier.MODERATE), ("我一直戒不掉自残", RiskTier.MODERATE),  # zh 1.5.1
 ])
 def test_false_negation_cues_do_not_hide_intent(text: str, expected: RiskTier) -> None:
     assert tier(text, "zh") == expected
@@ -194,6 +195,9 @@ def test_false_negation_cues_do_not_hide_intent(text: str, expected: RiskTier) -
     "我想去找你，离开这个世界",  # 你 is the object of 找
     "活的很绝望啊，想带着儿子一起去死",  # 儿子 is the object of 带着
     "快让我死吧",  # a wish, not someone telling me to die
+    "我是一名初三的女孩，最近经历了语言暴力，想自杀",  # the speaker describing herself (zh 1.5.1)
+    "与好朋友分开而想死",  # 好朋友 after the preposition 与 (zh 1.5.1)
+    "有时想到自杀", "我迟早会抑郁自杀",  # zh 1.5.1
 ])
 def test_objects_possessors_and_expletives_are_not_the_subject(text: str) -> None:
     result = safety_net_scan(text, "zh")
@@ -214,7 +218,8 @@ def test_seeking_means_is_at_least_high(text: str) -> None:
 
 
 @pytest.mark.parametrize("text", ["他让我去死", "我不想死", "我从来没想过自杀", "我朋友说她想死", "你的朋友想自杀吗",
-                                  "要死一起死，怕什么", "我们一起去吃饭吧"])
+                                  "要死一起死，怕什么", "我们一起去吃饭吧", "人迟早会死",
+                                  "我是他朋友，他想自杀"])
 def test_the_1_5_0_changes_leave_these_uncounted(text: str) -> None:
     result = safety_net_scan(text, "zh")
     assert result.tier is None, result.hits
