@@ -109,6 +109,37 @@ def test_manifest_records_what_is_needed(tiny_model_dir: Path) -> None:
     assert "metrics" in m and "model+safety_net" in m["metrics"]
 
 
+def test_any_risk_threshold_answers_to_sos4k_too() -> None:
+    """A safety net that finds every psysuicide positive makes psysuicide precision the only thing the
+    any-risk threshold could improve there; chosen on psysuicide alone it climbs to the top of the grid and
+    SOS-4K "low" is never predicted. It must stay where SOS-4K's low texts are still found."""
+    from cds.nlp.data import Example
+    from cds.nlp.train import choose_thresholds
+
+    rng = np.random.default_rng(3)
+    examples: list[Example] = []
+    probs: list[list[float]] = []
+    sn: list[int] = []
+    for i in range(120):  # psysuicide: 20 positives, all found by the net; the model is noisy
+        pos = i < 20
+        examples.append(Example(f"p{i}", "psysuicide_zh", "social_media", "zh", 2 if pos else 0, pos, False, False))
+        p_low = float(rng.uniform(0.5, 1.0) if pos else rng.uniform(0.0, 0.97))
+        probs.append([p_low, p_low * 0.6, 0.05, 0.01, 0.0, 0.0])
+        sn.append(2 if pos else 0)
+    for tier, n, p_low in ((0, 40, 0.2), (1, 60, 0.6), (2, 40, 0.9), (3, 30, 0.95)):  # SOS-4K, no net
+        for i in range(n):
+            examples.append(Example(f"s{tier}-{i}", "sos4k_zh", "sos4k_zh", "zh", tier, tier >= 2, None, None))
+            jitter = float(rng.uniform(-0.05, 0.05))
+            probs.append([p_low + jitter, (0.7 if tier >= 2 else 0.2) + jitter, (0.8 if tier >= 3 else 0.1) + jitter,
+                          0.01, 0.0, 0.0])
+            sn.append(0)
+    oof = np.array(probs)
+    rows = np.ones(len(examples), dtype=bool)
+    th = choose_thresholds(examples, oof, np.array(sn), np.zeros(len(examples), dtype=bool), rows)["zh"]
+    assert th["ge_low"] <= 0.55, th  # SOS-4K low (P ~0.6) is still predicted
+    assert th["ge_low"] > 0.25, th  # and SOS-4K none (P ~0.2) is not
+
+
 def test_training_without_data_fails_cleanly(tmp_path: Path) -> None:
     res = CliRunner().invoke(model_group, ["train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
     assert res.exit_code != 0
