@@ -283,6 +283,24 @@ def test_more_threats_towards_others_set_harm_to_others(text: str) -> None:
     assert result.tier is None
 
 
+@pytest.mark.parametrize("text", [  # lexicons 1.6.0: beating, revenge, arson, poison, a vehicle, a child at risk
+    "我想打他", "我真想揍死他", "我忍不住想打孩子", "我打了我老婆", "我控制不住会动手打人", "我想把他打残",
+    "我想拿刀砍我爸", "我想杀了全班同学", "有时候我想掐死我的宝宝", "我怕我会伤害我的孩子", "我要让他付出代价",
+    "我想放火烧了他家", "我想在他饭里下毒", "我想开车撞死他们",
+    "I hit my wife", "I punched my girlfriend", "I want to make him suffer", "I'll burn his house down",
+])
+def test_harm_to_others_1_6_0(text: str) -> None:
+    result = safety_net_scan(text)
+    assert result.harm_to_others, result.hits
+    assert result.tier is None
+
+
+@pytest.mark.parametrize("text", ["我想打他电话", "我想打游戏", "我打了他的电话", "我不想打他", "I hit the wall",
+                                  "I beat my record", "make them pay attention", "all I do is make her suffer"])
+def test_everyday_hitting_and_paying_are_not_harm(text: str) -> None:
+    assert not safety_net_scan(text).harm_to_others
+
+
 @pytest.mark.parametrize("text", [
     "我想我今晚就要死了", "希望我能死掉", "I want to kill my self", "I want to kill that part of me",
     "I could kill for a pizza", "我才不会让他们死", "she said she wants him dead",
