@@ -103,20 +103,41 @@ def recent_signals(conn: psycopg.Connection[Any], patient_ref: str, since: datet
     return recent_signals_deferred(conn, patient_ref, since, names)()
 
 
+# The look-back read: one row per signal, in scalar columns (a chatty patient - every chat message is an
+# assessment - has thousands of summaries in the window; scalar columns are parsed in C, where a jsonb
+# column costs a JSON parse per row). Each summary is written by ``signal_summary``: name and source are
+# strings, tier a label or null, missing a list of strings (NULL here when empty), value a JSON number,
+# boolean, null or string (sent as text with its JSON type, so only non-strings are parsed).
+_RECENT_SIGNALS = (
+    "SELECT a.created_at, s->>'name', jsonb_typeof(s->'value'), s->>'value', s->>'source', s->>'tier',"
+    " NULLIF(s->'missing', '[]')::text"
+    " FROM assessments a, jsonb_array_elements(a.signal_summary) WITH ORDINALITY AS x(s, n)"
+    " WHERE a.patient_ref = %s AND NOT a.shadow AND a.created_at >= %s"
+    " AND (%s::text[] IS NULL OR s->>'name' = ANY(%s::text[])) ORDER BY a.id, x.n")
+
+
 def recent_signals_deferred(conn: psycopg.Connection[Any], patient_ref: str, since: datetime,
                             names: Collection[str] | None = None) -> Callable[[], list[Signal]]:
     """``recent_signals``, asked now and read when called (in pipeline mode the query shares the next
     round trip)."""
     wanted = sorted(names) if names is not None else None
-    cur = conn.execute(
-        "SELECT a.created_at, s FROM assessments a, jsonb_array_elements(a.signal_summary) WITH ORDINALITY AS x(s, n)"
-        " WHERE a.patient_ref = %s AND NOT a.shadow AND a.created_at >= %s"
-        " AND (%s::text[] IS NULL OR s->>'name' = ANY(%s::text[])) ORDER BY a.id, x.n",
-        (patient_ref, since, wanted, wanted))
-    return lambda: [Signal(name=s["name"], value=s.get("value"), source=s.get("source", ""),
-                           tier=RiskTier.from_label(s["tier"]) if s.get("tier") else None,
-                           missing=tuple(s.get("missing") or ()), observed_at=created_at)
-                    for created_at, s in cur.fetchall()]
+    cur = conn.execute(_RECENT_SIGNALS, (patient_ref, since, wanted, wanted))
+
+    def read() -> list[Signal]:
+        tiers: dict[str, RiskTier] = {}
+        out = []
+        for observed_at, name, kind, text, source, label, missing in cur.fetchall():
+            value = text if kind == "string" or text is None else json.loads(text)
+            tier = None
+            if label:
+                tier = tiers.get(label)
+                if tier is None:
+                    tier = tiers[label] = RiskTier.from_label(label)
+            out.append(Signal(name, value, "" if source is None else source, tier, (),
+                              tuple(json.loads(missing)) if missing else (), observed_at))
+        return out
+
+    return read
 
 
 @dataclass(frozen=True)

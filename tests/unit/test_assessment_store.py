@@ -106,3 +106,40 @@ def test_a_patients_ids_stay_in_processing_order(db_conn: psycopg.Connection[Any
     fresh = ids.take(2, after=elsewhere)
     assert min(fresh) > elsewhere
     assert ids.take(1, after=first - 1)[0] == first + 1  # the ids drawn ahead still serve other patients
+
+
+def test_recent_signals_read_the_summaries_as_stored(db_conn: psycopg.Connection[Any], cipher: FieldCipher) -> None:
+    """The look-back read (scalar columns, not whole jsonb rows) gives back each summary's name, value
+    with its JSON type, source, tier, missing and its assessment's time: oldest assessment first, each
+    in its signals' order; shadow assessments, other patients and other names left out."""
+    from datetime import UTC, datetime, timedelta
+
+    def assess(patient: str, *signals: Signal, shadow: bool = False) -> None:
+        a = Assessment(patient_ref=patient, tier=RiskTier.LOW, probability=None, flags=frozenset(), missing=(),
+                       signals=signals, fired=(), actions=(), ruleset_hash="ab" * 32, model_sha256=None)
+        store.insert_assessment(db_conn, cipher, a, event_id=None, scores={}, shadow=shadow)
+
+    first = (Signal("phq9.item9", None, "phq9", missing=("phq9.item9",)), Signal("phq9.item9", 0, "phq9"),
+             Signal("text.probability", 0.25, "model"), Signal("text.harm_to_others", False, "model"),
+             Signal("cssrs.risk", "none", "cssrs", RiskTier.NONE))
+    second = (Signal("text.tier", "moderate", "model", RiskTier.MODERATE), Signal("asq.result", True, "asq"),
+              Signal("phq9.total", 21, "phq9", RiskTier.HIGH, missing=("phq9.item3", "phq9.item7")))
+    assess(PATIENT, *first)
+    assess(PATIENT, Signal("text.tier", "imminent", "model", RiskTier.IMMINENT), shadow=True)
+    assess("Patient/other", Signal("text.tier", "high", "model", RiskTier.HIGH))
+    assess(PATIENT, *second)
+    times = [r[0] for r in db_conn.execute("SELECT created_at FROM assessments WHERE patient_ref = %s"
+                                           " AND NOT shadow ORDER BY id", (PATIENT,))]
+    since = datetime.now(UTC) - timedelta(days=14)
+
+    def expected(signals: tuple[Signal, ...], at: datetime) -> list[Signal]:
+        return [Signal(s.name, s.value, s.source, s.tier, (), s.missing, at) for s in signals]
+
+    got = store.recent_signals(db_conn, PATIENT, since)
+    assert got == expected(first, times[0]) + expected(second, times[1])
+    assert [(type(s.value), s.observed_at) for s in got] == [(type(s.value), s.observed_at) for s in
+                                                             expected(first, times[0]) + expected(second, times[1])]
+    named = store.recent_signals(db_conn, PATIENT, since, {"phq9.item9", "text.tier", "phq9.total"})
+    assert named == [s for s in got if s.name in {"phq9.item9", "text.tier", "phq9.total"}]
+    assert store.recent_signals(db_conn, PATIENT, times[1] + timedelta(microseconds=1)) == []
+    assert store.recent_signals(db_conn, "Patient/nobody", since) == []
