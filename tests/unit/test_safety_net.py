@@ -283,6 +283,23 @@ def test_more_threats_towards_others_set_harm_to_others(text: str) -> None:
     assert result.tier is None
 
 
+@pytest.mark.parametrize("text,expected", [  # zh 1.7.0: SOS-4K train+validation texts both model and net missed
+    ("一年我都不想熬", RiskTier.MODERATE), ("我恐怕撑不过六月了", RiskTier.MODERATE), ("活着最大的盼头就是死亡", RiskTier.MODERATE),
+    ("想替他们死去", RiskTier.MODERATE), ("现在可以去死了", RiskTier.MODERATE), ("希望明天就死", RiskTier.HIGH),
+    ("我又冒出了自杀的冷静决定", RiskTier.HIGH),
+    ("前几天自杀又被警察叔叔救了", RiskTier.HIGH), ("昨晚吃了30颗药", RiskTier.HIGH), ("我刚刚割脉了", RiskTier.MODERATE),
+    ("写的遗书被老爸看到了", RiskTier.IMMINENT), ("干脆让我去天堂好了", RiskTier.LOW),
+    ("怎么不打扰别人然后离开这个讨厌的世界", RiskTier.MODERATE),  # 别人 is the object of 打扰
+])
+def test_more_euphemisms_plans_and_attempts(text: str, expected: RiskTier) -> None:
+    assert tier(text, "zh") == expected
+
+
+@pytest.mark.parametrize("text", ["我不想熬夜", "我不想熬汤", "我吃了两片药就睡了", "打算重开一局游戏", "我想去天堂岛旅游"])
+def test_more_euphemisms_leave_these_alone(text: str) -> None:
+    assert tier(text, "zh") is None
+
+
 @pytest.mark.parametrize("text", [  # lexicons 1.6.0: beating, revenge, arson, poison, a vehicle, a child at risk
     "我想打他", "我真想揍死他", "我忍不住想打孩子", "我打了我老婆", "我控制不住会动手打人", "我想把他打残",
     "我想拿刀砍我爸", "我想杀了全班同学", "有时候我想掐死我的宝宝", "我怕我会伤害我的孩子", "我要让他付出代价",
