@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import psycopg
 
 from cds.errors import AuthError, ConflictError, RateLimitError
+from cds.store.db import autocommit_when_idle
 
 KEY_PREFIX = "cds_"
 
@@ -46,15 +45,25 @@ def revoke_client(conn: psycopg.Connection[Any], name: str) -> bool:
     return row is not None
 
 
-def authenticate(conn: psycopg.Connection[Any], key: str | None) -> ApiClient:
+def _presented_digest(key: str | None) -> str:
+    """The digest a presented key is looked up by; a missing or malformed key is refused here."""
     if not key or not key.startswith(KEY_PREFIX):
         raise AuthError("an API key is required (Authorization: Bearer <key>)")
-    digest = _digest(key)
-    row = conn.execute("SELECT id, name, key_sha256 FROM api_clients WHERE key_sha256 = %s AND revoked_at IS NULL",
-                       (digest,)).fetchone()
+    return _digest(key)
+
+
+def _client(row: Any, digest: str) -> ApiClient:
+    """The client of a looked-up (id, name, key_sha256, ...) row; no row is an unknown or revoked key."""
     if row is None or not hmac.compare_digest(row[2], digest):
         raise AuthError("unknown or revoked API key")
     return ApiClient(int(row[0]), str(row[1]))
+
+
+def authenticate(conn: psycopg.Connection[Any], key: str | None) -> ApiClient:
+    digest = _presented_digest(key)
+    row = conn.execute("SELECT id, name, key_sha256 FROM api_clients WHERE key_sha256 = %s AND revoked_at IS NULL",
+                       (digest,)).fetchone()
+    return _client(row, digest)
 
 
 def authenticate_and_charge(conn: psycopg.Connection[Any], key: str | None, now: datetime,
@@ -63,11 +72,9 @@ def authenticate_and_charge(conn: psycopg.Connection[Any], key: str | None, now:
     its own (one round trip). A revoked or unknown key is refused (401) and charges nothing; over the
     limit raises RateLimitError (429) and, as when the charge was rolled back, a refused request is not
     counted: the window's count stops at the limit."""
-    if not key or not key.startswith(KEY_PREFIX):
-        raise AuthError("an API key is required (Authorization: Bearer <key>)")
-    digest = _digest(key)
+    digest = _presented_digest(key)
     window = now.replace(second=0, microsecond=0)
-    with _autocommit(conn):
+    with autocommit_when_idle(conn):
         row = conn.execute(
             "WITH client AS (SELECT id, name, key_sha256 FROM api_clients"
             "   WHERE key_sha256 = %(digest)s AND revoked_at IS NULL),"
@@ -77,23 +84,8 @@ def authenticate_and_charge(conn: psycopg.Connection[Any], key: str | None, now:
             "   WHERE rate_windows.count < %(limit)s RETURNING count)"
             " SELECT id, name, key_sha256, (SELECT count FROM charged) FROM client",
             {"digest": digest, "window": window, "limit": per_minute}).fetchone()
-    if row is None or not hmac.compare_digest(row[2], digest):
-        raise AuthError("unknown or revoked API key")
+    client = _client(row, digest)  # no row: refused there
+    assert row is not None
     if row[3] is None:  # the window is full: nothing was counted
         raise RateLimitError(f"rate limit of {per_minute} requests per minute exceeded")
-    return ApiClient(int(row[0]), str(row[1]))
-
-
-@contextmanager
-def _autocommit(conn: psycopg.Connection[Any]) -> Iterator[None]:
-    """The statement commits on its own (no BEGIN/COMMIT round trips) when ``conn`` is idle; inside a
-    transaction it is part of that transaction."""
-    if conn.autocommit or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        yield
-        return
-    conn.autocommit = True
-    try:
-        yield
-    finally:
-        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:  # else broken: the pool drops it
-            conn.autocommit = False
+    return client

@@ -110,6 +110,22 @@ def open_pool(url: str, *, min_size: int = 1, max_size: int = 8, name: str = "cd
 
 
 @contextmanager
+def autocommit_when_idle(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """Statements commit on their own (no BEGIN/COMMIT round trips) when ``conn`` is idle; inside a
+    transaction, or on a connection already in autocommit mode, nothing changes. Autocommit is turned
+    off again only if the connection is idle at the end (else it is broken, and the pool discards it)."""
+    if conn.autocommit or conn.info.transaction_status != TransactionStatus.IDLE:
+        yield
+        return
+    conn.autocommit = True
+    try:
+        yield
+    finally:
+        if conn.info.transaction_status == TransactionStatus.IDLE:
+            conn.autocommit = False
+
+
+@contextmanager
 def pipelined_transaction(conn: psycopg.Connection[Any]) -> Iterator[None]:
     """One transaction in psycopg's pipeline mode: a statement whose answer is not read is sent without
     waiting for it and shares the next round trip, and statements sent together are answered in one.
@@ -123,26 +139,23 @@ def pipelined_transaction(conn: psycopg.Connection[Any]) -> Iterator[None]:
     aborted (it then rolls back), that is raised too, never taken for a commit."""
     if conn.autocommit or conn.info.transaction_status != TransactionStatus.IDLE:
         raise psycopg.ProgrammingError("pipelined_transaction needs an idle connection outside autocommit")
-    conn.autocommit = True
-    try:
-        with conn.pipeline():
-            conn.execute("BEGIN")
-            yield
-            commit = conn.execute("COMMIT")
-        if commit.statusmessage != "COMMIT":
-            raise psycopg.errors.InFailedSqlTransaction(
-                f"the transaction was not committed ({commit.statusmessage})")
-    except BaseException:
-        if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
-            try:
-                conn.execute("ROLLBACK")
-            except psycopg.Error as exc:  # the block's error is the one to raise; the pool resets the connection
-                log.warning("rollback after a failed pipelined transaction failed",
-                            extra={"error": exc.__class__.__name__})
-        raise
-    finally:
-        if conn.info.transaction_status == TransactionStatus.IDLE:  # else broken: the pool discards it
-            conn.autocommit = False
+    with autocommit_when_idle(conn):
+        try:
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                yield
+                commit = conn.execute("COMMIT")
+            if commit.statusmessage != "COMMIT":
+                raise psycopg.errors.InFailedSqlTransaction(
+                    f"the transaction was not committed ({commit.statusmessage})")
+        except BaseException:
+            if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+                try:
+                    conn.execute("ROLLBACK")
+                except psycopg.Error as exc:  # the block's error is the one to raise; the pool resets the connection
+                    log.warning("rollback after a failed pipelined transaction failed",
+                                extra={"error": exc.__class__.__name__})
+            raise
 
 
 def migration_files() -> list[Path]:
