@@ -539,7 +539,7 @@ class Pipeline:
         # dashboard shows it), so a long risky conversation does not flood the EHR.
         if changed or a.tier > state.current_tier or (a.indeterminate and a.tier >= RiskTier.LOW):
             self._enqueue_writeback(conn, a, assessment_id, alert_ids[0] if alert_ids else None,
-                                    [get_alert(conn, alert_id) for alert_id in dict.fromkeys(changed)],
+                                    [get_alert(conn, alert_id) for alert_id in changed],
                                     priority, now)
         audits.append(dict(event_type="assessment", action="C", actor="psych-cds",
                      patient_ref=event.patient_ref, outcome=0,

@@ -327,12 +327,12 @@ def _last_subject(lex: Lexicon, prefix: str) -> str | None:
     best: tuple[int, str] | None = None
     for person, rx in lex.persons:
         for m in rx.finditer(prefix):
-            # "经常和家人吵架，之后就想自杀": 家人 is the object of 和, not who wants to die. Only other people are
-            # skipped this way, never the speaker, so the rule can only count a match, never discount one.
-            if person != "first" and lex.object_markers is not None and lex.object_markers.search(prefix, 0, m.start()):
-                continue
-            # "看了你们的评论 越来越想割腕": 你们 owns the comments; whoever wants to cut is not named there.
-            if person != "first" and lex.possessive_markers is not None and lex.possessive_markers.match(prefix, m.end()):
+            # "经常和家人吵架，之后就想自杀": 家人 is the object of 和, not who wants to die; "看了你们的评论 越来越想割腕":
+            # 你们 owns the comments. Only other people are skipped this way, never the speaker, so the rule
+            # can only count a match, never discount one.
+            if person != "first" and (
+                    (lex.object_markers is not None and lex.object_markers.search(prefix, 0, m.start()))
+                    or (lex.possessive_markers is not None and lex.possessive_markers.match(prefix, m.end()))):
                 continue
             if best is None or m.end() > best[0] or (m.end() == best[0] and person == "first"):
                 best = (m.end(), person)
