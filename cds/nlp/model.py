@@ -201,6 +201,7 @@ class TextRiskModel:
         traditional_to_simplified()  # the script table too (~0.1 s), not on the first message
         self._text_cache = _Lru(CACHE_TEXTS)  # text -> (n-gram counts, edge words)
         self._result_cache = _Lru(CACHE_TEXTS)  # (text, lang) -> TextResult
+        self._window_cache = _Lru(CACHE_TEXTS)  # tuple of a window's messages -> head probabilities
 
     @classmethod
     def load(cls, model_dir: Path | None = None, providers: Sequence[str] | None = None) -> TextRiskModel:
@@ -268,20 +269,32 @@ class TextRiskModel:
         def edges_of(text: str) -> tuple[str, str] | None:
             return self._text_features(text)[1]
 
+        # A conversation is assessed again with each new message, so its earlier windows are looked up,
+        # not recomputed: only the windows ending at new messages reach the model.
+        keys = [tuple(w) for w in windows]
+        cached = [self._window_cache.get(k) for k in keys]
+        todo = [k for k, c in zip(keys, cached) if c is None]
         # Windows that grow one message at a time (a conversation shorter than CONTEXT_MESSAGES) are
         # counted as prefixes, each from the one before.
         counts: list[Counter[int]] = []
         i = 0
-        while i < len(windows):
+        while i < len(todo):
             j = i + 1
-            while j < len(windows) and windows[j][:-1] == windows[j - 1]:
+            while j < len(todo) and todo[j][:-1] == todo[j - 1]:
                 j += 1
-            run = windows[j - 1]
-            first = len(windows[i])
+            run = todo[j - 1]
+            first = len(todo[i])
             counts += prefix_counts(run, self.features, counts_of, edges_of)[first - 1:]
             i = j
-        probs, _ = self._run_counts(counts, want_contrib=False)
-        return probs
+        made, _ = self._run_counts(counts, want_contrib=False)
+        fresh = iter(made)
+        rows: list[npt.NDArray[np.float32]] = []
+        for k, c in zip(keys, cached):
+            if c is None:
+                c = next(fresh)
+                self._window_cache.put(k, c)
+            rows.append(c)
+        return np.stack(rows) if rows else np.zeros((0, len(HEADS)), np.float32)
 
     def _model_evidence(self, text: str, ids: npt.NDArray[np.int64], contrib: npt.NDArray[np.float32],
                         head: int) -> list[Evidence]:

@@ -392,8 +392,31 @@ def test_cached_results_equal_fresh_ones() -> None:
         fresh = cold.assess_conversation(conversation[:i + 1])
         cold._result_cache = type(cold._result_cache)(cold._result_cache.maxsize)  # empty again
         cold._text_cache = type(cold._text_cache)(cold._text_cache.maxsize)
+        cold._window_cache = type(cold._window_cache)(cold._window_cache.maxsize)
         assert same(fresh, warm[i])
     assert all(same(a, b) for a, b in zip(model.classify(conversation), cold.classify(conversation)))
+
+
+def test_a_growing_conversation_sends_only_its_new_window_to_the_model(model: TextRiskModel) -> None:
+    """Each new message re-assesses the conversation; its earlier windows come from the cache, so the
+    model's work per message stays flat instead of growing with the conversation."""
+    rows: list[int] = []
+    run_counts = model._run_counts
+
+    def counting(counts: Any, want_contrib: bool) -> Any:
+        rows.append(len(counts))
+        return run_counts(counts, want_contrib)
+
+    conversation = [f"第{i}条消息 message {i}" for i in range(25)]
+    model._run_counts = counting  # type: ignore[method-assign]
+    try:
+        for i in range(len(conversation)):
+            rows.clear()
+            model.assess_conversation(conversation[:i + 1])
+            # one new message (classify) and, from the second message on, one new window
+            assert sum(rows) == (1 if i == 0 else 2), (i, rows)
+    finally:
+        del model._run_counts
 
 
 @pytest.mark.parametrize("traditional,simplified", [
