@@ -216,6 +216,39 @@ def line_crossing(expr: str) -> str | None:
         return f"uses {exc}, which this check does not know"
 
 
+FRAGMENT_RE = re.compile(r"\{\{(\w+)\}\}")
+
+
+def _fragments(data: Any, where: str) -> dict[str, str]:
+    """Named sub-expressions a pattern may use as ``{{name}}`` (a list of people, of harmful verbs ...), so one
+    list serves every pattern that needs it. A fragment is a regular expression of its own (checked here) and
+    does not use other fragments."""
+    if not isinstance(data, Mapping):
+        raise RulesError(f"{where}: fragments must map names to regular expressions")
+    out: dict[str, str] = {}
+    for name, expr in data.items():
+        if not re.fullmatch(r"\w+", str(name)):
+            raise RulesError(f"{where}: fragment name {name!r} must be letters, digits or _")
+        fw = f"{where}: fragments.{name}"
+        if isinstance(expr, str) and FRAGMENT_RE.search(expr):
+            raise RulesError(f"{fw}: a fragment cannot use another fragment")
+        _compile(expr, fw, line_local=True)
+        out[str(name)] = str(expr)
+    return out
+
+
+def _expand(expr: Any, fragments: Mapping[str, str], where: str) -> Any:
+    """``{{name}}`` in a pattern's regex replaced by its fragment, as a non-capturing group."""
+    if not isinstance(expr, str):
+        return expr
+
+    def one(m: re.Match[str]) -> str:
+        if m.group(1) not in fragments:
+            raise RulesError(f"{where}: unknown fragment {{{{{m.group(1)}}}}}; known: {sorted(fragments)}")
+        return f"(?:{fragments[m.group(1)]})"
+    return FRAGMENT_RE.sub(one, expr)
+
+
 def parse_lexicon(data: Mapping[str, Any], where: str = "lexicon") -> Lexicon:
     """Validate a lexicon document; raises RulesError naming the first problem."""
     for key in ("id", "version", "lang", "patterns", "subjects", "negation_cues", "negation_breaks",
@@ -227,6 +260,7 @@ def parse_lexicon(data: Mapping[str, Any], where: str = "lexicon") -> Lexicon:
     if not re.fullmatch(r"\d+\.\d+\.\d+", str(data["version"])):
         raise RulesError(f"{where}: version must be semantic (1.2.3), got {data['version']!r}")
     settings = data.get("settings") or {}
+    fragments = _fragments(data.get("fragments") or {}, where)
     patterns: list[Pattern] = []
     seen: set[str] = set()
     for i, p in enumerate(data["patterns"]):
@@ -251,7 +285,8 @@ def parse_lexicon(data: Mapping[str, Any], where: str = "lexicon") -> Lexicon:
         discount = frozenset(p.get("discount", DISCOUNTS))
         if not discount <= set(DISCOUNTS):
             raise RulesError(f"{pw} ({pid}): unknown discount in {sorted(discount)}")
-        patterns.append(Pattern(id=pid, kind=kind, regex=_compile(p["regex"], f"{pw} ({pid})", line_local=True), tier=tier,
+        regex = _expand(p["regex"], fragments, f"{pw} ({pid})")
+        patterns.append(Pattern(id=pid, kind=kind, regex=_compile(regex, f"{pw} ({pid})", line_local=True), tier=tier,
                                 flag=flag, context=bool(p.get("context", False)), discount=discount))
     for key in ("negation_breaks", "clause_breaks"):
         if isinstance(data[key], str) and re.fullmatch(data[key], "\n") is None:

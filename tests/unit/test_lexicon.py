@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,37 @@ def test_scopes_must_end_at_a_line_break() -> None:
     doc["clause_breaks"] = "[.!?;]"
     with pytest.raises(RulesError, match="clause_breaks must include the line break"):
         parse_lexicon(doc)
+
+
+def test_fragments_are_shared_by_the_patterns_that_name_them() -> None:
+    doc = _doc("en")
+    doc["fragments"]["pet"] = "cat|dog"
+    doc["patterns"].append({"id": "en.test.pet", "kind": "aggression", "flag": "harm_to_others",
+                            "regex": "\\bkick (?:the|my) {{pet}}\\b"})
+    lex = parse_lexicon(doc)
+    rx = next(p.regex for p in lex.patterns if p.id == "en.test.pet")
+    assert rx.search("I want to kick the dog") and not rx.search("I want to kick the ball")
+
+
+@pytest.mark.parametrize("fragments,pattern,message", [
+    ({}, "kill {{nobody}}", "unknown fragment"),
+    ({"a": "x|{{b}}", "b": "y"}, "{{a}}", "cannot use another fragment"),
+    ({"a": "(unclosed"}, "{{a}}", "invalid regular expression"),
+    ({"a": "x\\s+y"}, "{{a}}", "stay within one line"),
+    ({"bad name": "x"}, "x", "must be letters"),
+])
+def test_bad_fragments_are_refused(fragments: dict, pattern: str, message: str) -> None:
+    doc = _doc("en")
+    doc["fragments"] = fragments
+    doc["patterns"][0]["regex"] = pattern
+    with pytest.raises(RulesError, match=message):
+        parse_lexicon(doc)
+
+
+def test_the_shipped_lexicons_use_only_known_fragments() -> None:
+    for lang in ("zh", "en"):
+        doc = _doc(lang)
+        names = set(doc.get("fragments") or {})
+        for p in doc["patterns"]:
+            for used in re.findall(r"\{\{(\w+)\}\}", p["regex"]):
+                assert used in names, (lang, p["id"], used)

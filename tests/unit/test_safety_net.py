@@ -312,6 +312,28 @@ def test_harm_to_others_1_6_0(text: str) -> None:
     assert result.tier is None
 
 
+@pytest.mark.parametrize("text", [  # en 1.7.0 / zh 1.8.0: any person as the object (one shared list), more verbs
+    "I want to hurt the guy who bullied me", "I'm going to beat the crap out of him", "Sometimes I imagine killing my parents",
+    "I want everyone at work dead", "I'm going to run him over with my car", "I want to hit my kids when they cry",
+    "I'm gonna beat that bastard to death", "I'm planning to stab my stepdad", "I keep picturing shooting those people",
+    "我要去学校报复那些欺负我的人", "我一定要报复他们",
+])
+def test_harm_to_others_towards_any_person(text: str) -> None:
+    result = safety_net_scan(text)
+    assert result.harm_to_others, result.hits
+    assert result.tier is None
+
+
+@pytest.mark.parametrize("text", [
+    "I'm going to hurt my back if I lift that", "I'm going to beat him at chess", "I'm about to beat the final boss",
+    "I'll shoot him a text tonight", "I want to hit him up later for coffee", "I'm going to kick them out of the apartment",
+    "I don't want to hurt her feelings", "I'm going to hit the gym", "I picture hugging my kids", "我不想报复他们",
+    "我怕他们报复我", "老师会报复他吗",
+])
+def test_look_alikes_of_harm_towards_any_person_are_not_harm(text: str) -> None:
+    assert not safety_net_scan(text).harm_to_others, [h for h in safety_net_scan(text).hits if h.counted]
+
+
 @pytest.mark.parametrize("text", ["我想打他电话", "我想打游戏", "我打了他的电话", "我不想打他", "I hit the wall",
                                   "I beat my record", "make them pay attention", "all I do is make her suffer"])
 def test_everyday_hitting_and_paying_are_not_harm(text: str) -> None:
