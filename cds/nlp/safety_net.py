@@ -374,6 +374,27 @@ def _last_subject(lex: Lexicon, prefix: str) -> str | None:
     return best[1] if best else None
 
 
+def _sentence_subject(lex: Lexicon, doc: _Doc, start: int) -> str | None:
+    """Who a clause without a subject of its own is about: the last subject earlier in the sentence
+    ("我的一个朋友失恋了，要自杀"), unless the sentence opens with a clause that has none either. Then the
+    sentence is the speaker's own narrative with the pronoun dropped, as Chinese does ("天天和父母吵架，不想去学校，但父母
+    不了解，不想活了"), and a person named in a middle clause is not who the clause is about. Like the object rule,
+    this can only count a match, never discount one."""
+    s0 = doc.sentence_start(start)
+    i = bisect.bisect_right(doc.clause_ends, s0)
+    first_clause_end = doc.clause_ends[i] if i < len(doc.clause_ends) and doc.clause_ends[i] <= start else start
+    if first_clause_end < start and _last_subject(lex, doc.norm[s0:first_clause_end]) is None:
+        # ... but a clause that opens with someone right before this one is a topic chain about them
+        # ("所以最后，他们身心俱疲，选择离开这个世界"; "昨天很累，朋友失恋了，要自杀").
+        c = doc.clause_start(start)
+        before = doc.clause_start(c - 1) if c > s0 else c
+        while before < c and doc.norm[before].isspace():
+            before += 1
+        if _opening_subject(lex, doc.norm, before) in (None, "first"):
+            return "first"
+    return _last_subject(lex, doc.norm[s0:start])
+
+
 def _opening_subject(lex: Lexicon, norm: str, start: int) -> str | None:
     """The person of a subject word the match starts with, if any."""
     for person, rx in lex.persons:
@@ -438,7 +459,7 @@ def _status(lex: Lexicon, doc: _Doc, pat: Pattern, start: int, end: int,
         # match that opens with someone else ("everyone would be better off without me") is judged as before.
         subject = "first" if opener == "first" else _last_subject(lex, doc.norm[lo:start])
         if subject is None and open_at < 0:  # "我的一个朋友失恋了，要自杀": the subject may sit in an earlier clause
-            subject = _last_subject(lex, doc.norm[doc.sentence_start(start):start])
+            subject = _sentence_subject(lex, doc, start)
         if subject == "third":
             return "third_person"
         if subject == "second":

@@ -458,3 +458,36 @@ def test_context_crosses_messages_in_a_conversation() -> None:
     together = [h for h in conversation_hits(["I have saved up the pills", "tonight is the night"], "en") if h.counted]
     assert not alone
     assert {h.kind for h in together} >= {"timing"}
+
+
+@pytest.mark.parametrize("text,expected", [  # zh 1.8.0 / en 1.7.0: only fear holds the speaker back, so the wish stands
+    ("又没有勇气去死", RiskTier.MODERATE), ("我没勇气去死", RiskTier.MODERATE), ("不敢跳楼，不然早结束了", RiskTier.HIGH),
+    ("I don't have the guts to kill myself", RiskTier.MODERATE), ("I'm not brave enough to kill myself", RiskTier.MODERATE),
+    ("I don't have the courage to end my life", RiskTier.MODERATE),
+])
+def test_fear_is_not_a_negation(text: str, expected: RiskTier) -> None:
+    assert tier(text) == expected, safety_net_scan(text).hits
+
+
+@pytest.mark.parametrize("text", ["我不想死", "我没有想自杀", "我从来没想过自杀", "I would never kill myself",
+                                  "I don't want to die", "I do not want to kill myself"])
+def test_negation_still_holds_next_to_the_fear_exceptions(text: str) -> None:
+    assert tier(text) is None, safety_net_scan(text).hits
+
+
+@pytest.mark.parametrize("text", [  # the person after 受不了/恨/讨厌, a cause (因/由于) or 没有 is not the subject
+    "受不了父母，有种想死的冲动", "现在越来越恨自己的父母，抑郁症到想自杀", "因父母干涉走上了不喜欢的职业，对未来失去希望想自杀",
+    "没有家人，没有朋友，再见世界",
+])
+def test_people_the_speaker_suffers_lacks_or_blames_are_not_the_subject(text: str) -> None:
+    assert tier(text) is not None, safety_net_scan(text).hits
+
+
+@pytest.mark.parametrize("text,expected", [  # a clause without a subject: whose sentence is it?
+    ("14岁，心事也从不敢对别人说，刚差点跳楼了怎么办", RiskTier.HIGH),  # the speaker's own narrative, pronoun dropped
+    ("我的一个朋友失恋了，要自杀", None),  # the sentence is about the friend
+    ("所以最后，他们身心俱疲，选择离开这个世界", None),  # the clause before opens with them: a topic chain
+    ("昨天很累，朋友失恋了，要自杀", None),
+])
+def test_the_subject_of_a_clause_without_one(text: str, expected: RiskTier | None) -> None:
+    assert tier(text) == expected, safety_net_scan(text).hits
