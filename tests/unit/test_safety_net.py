@@ -491,3 +491,25 @@ def test_people_the_speaker_suffers_lacks_or_blames_are_not_the_subject(text: st
 ])
 def test_the_subject_of_a_clause_without_one(text: str, expected: RiskTier | None) -> None:
     assert tier(text) == expected, safety_net_scan(text).hits
+
+
+@pytest.mark.parametrize("text,expected", [  # en 1.8.0 / zh 1.9.0: C-SSRS behaviour items and burdensomeness
+    ("I attempted suicide when I was 16", RiskTier.HIGH), ("I stood on the edge of the roof last night", RiskTier.HIGH),
+    ("I've been researching how many pills it takes", RiskTier.HIGH), ("I looked up how to overdose", RiskTier.HIGH),
+    ("I keep thinking about driving my car into a wall", RiskTier.HIGH), ("I started cutting again", RiskTier.MODERATE),
+    ("I'm a burden to everyone", RiskTier.LOW),
+    ("我是家里的累赘", RiskTier.LOW), ("没有我大家会过得更好", RiskTier.LOW), ("我想一觉睡过去再也不醒来", RiskTier.LOW),
+    ("我在网上搜怎么自杀", RiskTier.HIGH), ("我昨晚站在楼顶边上", RiskTier.HIGH), ("我把绳子套在脖子上过", RiskTier.HIGH),
+    ("我吃了一整瓶安眠药", RiskTier.HIGH), ("我想开车撞墙", RiskTier.HIGH), ("我给大家写了告别信", RiskTier.IMMINENT),
+])
+def test_behaviour_items_and_burdensomeness(text: str, expected: RiskTier) -> None:
+    assert tier(text) == expected, safety_net_scan(text).hits
+
+
+@pytest.mark.parametrize("text", [
+    "I started cutting back on sugar", "I have been cutting class", "I use it on myself every morning",
+    "he attempted suicide last year", "I never attempted suicide", "I stood on the edge of the pool",
+    "我不是大家的负担", "我吃了很多药，胃很难受", "我查了怎么做红烧肉", "他站在楼顶边上", "我开车去上班",
+])
+def test_look_alikes_of_behaviour_items(text: str) -> None:
+    assert tier(text) is None, safety_net_scan(text).hits
