@@ -513,3 +513,23 @@ def test_behaviour_items_and_burdensomeness(text: str, expected: RiskTier) -> No
 ])
 def test_look_alikes_of_behaviour_items(text: str) -> None:
     assert tier(text) is None, safety_net_scan(text).hits
+
+
+@pytest.mark.parametrize("text,expected", [  # zh 1.10.0: wishes, relief in death, a method named with 自杀
+    ("我觉得死了会比较轻松", RiskTier.LOW), ("我撑不住了", RiskTier.LOW), ("我想让自己消失", RiskTier.LOW),
+    ("我真的活够了", RiskTier.LOW), ("我恨不得死掉", RiskTier.MODERATE), ("我巴不得自己死了", RiskTier.MODERATE),
+    ("我想一个人静静地死去", RiskTier.MODERATE), ("我想吃药自杀", RiskTier.HIGH),
+])
+def test_wishes_relief_and_a_named_method(text: str, expected: RiskTier) -> None:
+    assert tier(text) == expected, safety_net_scan(text).hits
+
+
+@pytest.mark.parametrize("text", ["我想起死去的奶奶", "他想吃药自杀", "我不觉得死了会轻松", "这个架子撑不住了", "我困得撑不住了",
+                                  "他活够了", "我不会吃药自杀的"])
+def test_look_alikes_of_wishes_and_methods(text: str) -> None:
+    assert tier(text) is None, safety_net_scan(text).hits
+
+
+def test_wishing_someone_else_dead_is_harm_not_ideation() -> None:
+    result = safety_net_scan("我恨不得他去死")
+    assert result.tier is None and result.harm_to_others
