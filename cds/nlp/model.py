@@ -373,6 +373,13 @@ class TextRiskModel:
                           model_tier=model_tier, safety_net_tier=sn.tier, model_source=self.source,
                           safety_net_kinds=sn.kinds, safety_net_source=",".join(sn.lexicons))
 
+    def _capped_window(self, tier: RiskTier, window: str, part: Sequence[str], lang: str | None) -> RiskTier:
+        """A window's model tier under the short-message cap, judged by the safety net on that window alone."""
+        if tier <= RiskTier.LOW or len(window) > CAP_MAX_CHARS:
+            return tier  # the cap cannot apply: no need to scan
+        return capped_model_tier(tier, conversation_scan(part, lang or detect_lang(window), self.lexicon_dir),
+                                 len(window))
+
     def assess_conversation(self, messages: Sequence[str], lang: str | None = None) -> TextResult:
         """Consecutive messages of one patient's episode, assessed together.
 
@@ -389,13 +396,17 @@ class TextRiskModel:
         if not messages:
             return self.classify([""])[0]
         joint = "\n".join(messages)
-        conv_lang = lang if lang in ("zh", "en") else detect_lang(joint)
-        per = self.classify(messages, [conv_lang] * len(messages))
+        given = lang if lang in ("zh", "en") else None
+        conv_lang = given or detect_lang(joint)
+        # Every message and every window is judged on its own text only (its own language when none is
+        # given, its own safety-net scan for the short-message cap), so what a message or a window adds
+        # to the max below never changes when a later message arrives: the tier cannot drop (the
+        # conversation's detected language can flip as messages come, and with it the thresholds).
+        per = self.classify(messages, [given] * len(messages))
         parts = [messages[max(0, i - CONTEXT_MESSAGES + 1):i + 1] for i in range(1, len(messages))]
         windows = ["\n".join(p) for p in parts]
-        th = self._thresholds_for(conv_lang)
         win_probs = self._predict_joined(parts) if windows else np.zeros((0, len(HEADS)), np.float32)
-        win_tiers = [tier_from_probs(p, th) for p, w in zip(win_probs, windows) if w.strip()]
+        win_th = [self._thresholds_for(given or detect_lang(w)) for w in windows]
         sn = conversation_scan(messages, conv_lang, self.lexicon_dir)
 
         starts: list[int] = []
@@ -414,23 +425,25 @@ class TextRiskModel:
             if e0 > s0:
                 evidence.setdefault((i, s0, e0, e.kind),
                                     Evidence(s0, e0, e.kind, f"#{i}", e.source, messages[i][s0:e0]))
+        kept = [(w, parts[j], p, th) for j, (w, p, th) in enumerate(zip(windows, win_probs, win_th)) if w.strip()]
+        win_tiers = [tier_from_probs(p, th) for _, _, p, th in kept]
         model_tier = max([r.model_tier for r in per] + win_tiers)  # reported uncapped, for transparency
         sn_tiers = [t for t in [r.safety_net_tier for r in per] + [sn.tier] if t is not None]
         sn_tier = max(sn_tiers) if sn_tiers else None
         # The final tier uses each message's final tier and the windows' model tiers under the same
-        # caps as a single message (capped_model_tier), then the safety net on the whole conversation.
-        windows_kept = [w for w in windows if w.strip()]
-        capped_windows = [capped_model_tier(t, sn, len(w)) for t, w in zip(win_tiers, windows_kept)]
+        # caps as a single message (capped_model_tier, with the window's own scan), then the safety net on
+        # the whole conversation.
+        capped_windows = [self._capped_window(t, w, part, given) for t, (w, part, _, _) in zip(win_tiers, kept)]
         tier = max([r.tier for r in per] + capped_windows + ([sn_tier] if sn_tier is not None else []))
         win_max = win_probs.max(axis=0) if len(win_probs) else np.zeros(len(HEADS), np.float32)
+        harm_window = any(bool(p[4] >= th["harm_to_others"]) for _, _, p, th in kept)
+        victim_window = any(bool(p[5] >= th["victimisation"]) for _, _, p, th in kept)
         kinds = sorted({k for r in per for k in r.safety_net_kinds} | set(sn.kinds))
         sources = sorted({s for r in per for s in r.safety_net_source.split(",") if s} | set(sn.lexicons))
         return TextResult(
             tier=tier, probability=max([r.probability for r in per] + [float(win_max[0])]),
-            harm_to_others=any(r.harm_to_others for r in per) or sn.harm_to_others
-            or bool(win_max[4] >= th["harm_to_others"]),
-            victimisation=any(r.victimisation for r in per) or sn.victimisation
-            or bool(win_max[5] >= th["victimisation"]),
+            harm_to_others=any(r.harm_to_others for r in per) or sn.harm_to_others or harm_window,
+            victimisation=any(r.victimisation for r in per) or sn.victimisation or victim_window,
             evidence=tuple(sorted(evidence.values(), key=lambda e: (int(e.ref[1:]), e.start, e.end, e.kind))),
             lang=conv_lang, model_tier=model_tier, safety_net_tier=sn_tier, model_source=self.source,
             safety_net_kinds=tuple(kinds), safety_net_source=",".join(sources))

@@ -413,13 +413,19 @@ def _first_subject(lex: Lexicon, prefix: str) -> str | None:
     return best[1] if best else None
 
 
+CUE_LOOKAHEAD = 16
+
+
 def _negated(lex: Lexicon, doc: _Doc, start: int, opener: str | None) -> bool:
     """``opener``: the person of a subject word the match starts with (``_opening_subject``), if any."""
     lo = max(doc.negation_start(start), start - lex.negation_window)
     cue = None
-    # Searched in the whole text (from lo to start), so a cue's look-behind sees the word it may be part of:
-    # 特别 is not 别, 有没有 is not 没, 忍不住 is not 不.
-    for m in lex.negation_cues.finditer(doc.norm, lo, start):
+    # Searched in the whole text, so a cue's look-arounds see the words around it, the match included:
+    # 特别 is not 别, 有没有 is not 没, 忍不住 is not 不, and 就不能割手了 (can no longer) is not a denial. A cue
+    # counts when it ends before the match; its look-ahead sees up to CUE_LOOKAHEAD characters past the match start.
+    for m in lex.negation_cues.finditer(doc.norm, lo, start + CUE_LOOKAHEAD):
+        if m.end() > start:
+            break
         cue = m
     if cue is None:
         return False

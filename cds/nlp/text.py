@@ -42,13 +42,26 @@ def traditional_to_simplified() -> dict[str, str]:
     return table
 
 
+# Written Cantonese characters with a one-character Mandarin counterpart, folded after Traditional ->
+# Simplified so the lexicons and the model (both Mandarin) read 我唔想活落去 as 我不想活落去, 佢哋 as 他们,
+# 鎅咗手 as 割了手. Only characters Mandarin text does not use (none occurs in the training data), so
+# Mandarin input is unchanged; words whose counterpart is longer (冇 is 没有, 咁 is 这么) map to one character
+# that keeps the meaning (冇 -> 没) or are left to the lexicon (听日 tomorrow, 头先 just now).
+CANTONESE_TO_MANDARIN = {
+    "咗": "了", "唔": "不", "冇": "没", "佢": "他", "哋": "们", "嘅": "的", "啲": "些", "喺": "在", "嚟": "来",
+    "畀": "给", "攰": "累", "鎅": "割", "\U00020779": "割", "睇": "看", "諗": "想", "谂": "想", "揾": "找", "搵": "找",
+    "瞓": "睡", "攞": "拿",
+}
+
+
 @lru_cache(maxsize=65536)
 def _fold_char(ch: str) -> str:
     if ch in _APOSTROPHES:
         return _APOSTROPHES[ch]
     folded = unicodedata.normalize("NFKC", ch).lower()
     if len(folded) == 1:
-        return traditional_to_simplified().get(folded, folded)
+        folded = traditional_to_simplified().get(folded, folded)
+        return CANTONESE_TO_MANDARIN.get(folded, folded)
     lowered = ch.lower()
     return lowered if len(lowered) == 1 else ch
 
@@ -58,9 +71,9 @@ def normalise(text: str) -> str:
     ``len(normalise(t)) == len(t)``.
 
     Full-width Latin letters and digits become ASCII, curly apostrophes become ``'``, Traditional
-    characters their Simplified forms (the lexicons and the training data are Simplified: "我唔想再活，
-    想跳樓" reads as "...跳楼"); characters whose normal form is longer than one character (ligatures,
-    "ß" folding) are only lower-cased.
+    characters their Simplified forms and written Cantonese characters their Mandarin counterparts (the
+    lexicons and the training data are Simplified Mandarin: "我唔想再活，想跳樓" reads as "我不想再活，想跳楼");
+    characters whose normal form is longer than one character (ligatures, "ß" folding) are only lower-cased.
     """
     if text.isascii():
         return text.lower()

@@ -294,6 +294,19 @@ def test_conversation_tier_never_drops_when_a_message_is_added(model: TextRiskMo
     assert model.assess_conversation(msgs + [later]).tier >= model.assess_conversation(msgs).tier
 
 
+@pytest.mark.parametrize("msgs,later", [
+    # the shipped model: a later denial or idiom used to cap the earlier windows (the cap read the whole
+    # conversation's scan), and a later Chinese message used to flip the conversation's language and
+    # with it every threshold
+    (["我和朋友去吃饭了", "my exam went fine", "我和朋友去吃饭了"], "我不想死"),
+    (["I had a rough day at work today.", "work was stressful", "开玩笑的", "我不想死"], "笑死我了"),
+    (["我想自杀", "I had a nice walk today"], "我真的不想活了"),
+])
+def test_shipped_model_conversation_tier_never_drops(msgs: list[str], later: str) -> None:
+    served = TextRiskModel.load()
+    assert served.assess_conversation(msgs + [later]).tier >= served.assess_conversation(msgs).tier
+
+
 def test_empty_conversation(model: TextRiskModel) -> None:
     assert model.assess_conversation([]).tier == RiskTier.NONE
 
@@ -423,6 +436,8 @@ def test_a_growing_conversation_sends_only_its_new_window_to_the_model(model: Te
     ("我已經攢夠了安眠藥，打算這週末全部吃掉", "我已经攒够了安眠药，打算这周末全部吃掉"),
     ("無數次我都會構思自己如何死亡", "无数次我都会构思自己如何死亡"),
     ("今天考試壓力好大，不過還好", "今天考试压力好大，不过还好"),
+    ("我唔想活落去，佢哋都唔理我", "我不想活落去，他们都不理我"),  # written Cantonese -> Mandarin characters
+    ("我琴日又𠝹手，好攰", "我琴日又割手，好累"),
 ])
 def test_traditional_chinese_reads_as_simplified(traditional: str, simplified: str) -> None:
     """Traditional characters are folded to Simplified before the model and the lexicon see them, so a

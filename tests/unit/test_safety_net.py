@@ -144,6 +144,30 @@ def test_traditional_and_cantonese(text: str, expected: RiskTier) -> None:
     assert tier(text) == expected
 
 
+@pytest.mark.parametrize("text,expected", [  # written Cantonese folded to Mandarin first (zh 1.11.0)
+    ("我諗住自殺", RiskTier.MODERATE), ("死咗就唔使咁辛苦", RiskTier.LOW), ("我想食藥死", RiskTier.HIGH),
+    ("我想鎅手", RiskTier.MODERATE), ("我儲咗好多安眠藥", RiskTier.IMMINENT), ("我食咗成樽安眠藥", RiskTier.HIGH),
+    ("我今晚會跳落去", RiskTier.IMMINENT), ("聽日我就會離開呢個世界", RiskTier.HIGH),
+    ("我想揾個地方靜靜地死", RiskTier.MODERATE), ("我好攰，唔想再撐", RiskTier.LOW),
+    ("我唔會自殺", None), ("我冇諗過自殺", None), ("佢話想死", None), ("笑死我", None), ("攰到死", None),
+])
+def test_written_cantonese(text: str, expected: RiskTier | None) -> None:
+    assert tier(text) == expected, safety_net_scan(text).hits
+
+
+@pytest.mark.parametrize("text", ["我想打死佢", "我想斬死佢"])
+def test_cantonese_threats_set_harm_to_others(text: str) -> None:
+    assert safety_net_scan(text).harm_to_others
+
+
+@pytest.mark.parametrize("text,expected", [  # "can no longer" states what was happening; "cannot" alone still denies
+    ("穿短袖的季节，还要上班，就不能割手了", RiskTier.MODERATE), ("我不能再自残了", RiskTier.MODERATE),
+    ("我不能死，我还有孩子", None), ("我不想死", None), ("明天就跳下去游泳", None), ("我今晚就跳下去", RiskTier.IMMINENT),
+])
+def test_can_no_longer_is_not_a_denial(text: str, expected: RiskTier | None) -> None:
+    assert tier(text) == expected, safety_net_scan(text).hits
+
+
 @pytest.mark.parametrize("text,expected", [  # lexicon en 1.4.0
     ("i want to kms", RiskTier.MODERATE),
     ("thinking about sewerslide", RiskTier.MODERATE),
