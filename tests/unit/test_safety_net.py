@@ -524,7 +524,8 @@ def test_the_subject_of_a_clause_without_one(text: str, expected: RiskTier | Non
     ("I'm a burden to everyone", RiskTier.LOW),
     ("我是家里的累赘", RiskTier.LOW), ("没有我大家会过得更好", RiskTier.LOW), ("我想一觉睡过去再也不醒来", RiskTier.LOW),
     ("我在网上搜怎么自杀", RiskTier.HIGH), ("我昨晚站在楼顶边上", RiskTier.HIGH), ("我把绳子套在脖子上过", RiskTier.HIGH),
-    ("我吃了一整瓶安眠药", RiskTier.HIGH), ("我想开车撞墙", RiskTier.HIGH), ("我给大家写了告别信", RiskTier.IMMINENT),
+    ("我吃了一整瓶安眠药", RiskTier.HIGH), ("我想开车撞墙", RiskTier.HIGH), ("我写好了遗言", RiskTier.IMMINENT),
+    ("我不想活了，给大家写了告别信", RiskTier.IMMINENT),
 ])
 def test_behaviour_items_and_burdensomeness(text: str, expected: RiskTier) -> None:
     assert tier(text) == expected, safety_net_scan(text).hits
@@ -534,13 +535,15 @@ def test_behaviour_items_and_burdensomeness(text: str, expected: RiskTier) -> No
     "I started cutting back on sugar", "I have been cutting class", "I use it on myself every morning",
     "he attempted suicide last year", "I never attempted suicide", "I stood on the edge of the pool",
     "我不是大家的负担", "我吃了很多药，胃很难受", "我查了怎么做红烧肉", "他站在楼顶边上", "我开车去上班",
+    "我给同事写了告别信，下个月离职", "I started cutting my own hair", "I keep cutting myself off from friends",
+    "we looked up how to overdose-proof the medicine cabinet", "my grandma wrote a goodbye letter before she moved",
 ])
 def test_look_alikes_of_behaviour_items(text: str) -> None:
     assert tier(text) is None, safety_net_scan(text).hits
 
 
 @pytest.mark.parametrize("text,expected", [  # zh 1.10.0: wishes, relief in death, a method named with 自杀
-    ("我觉得死了会比较轻松", RiskTier.LOW), ("我撑不住了", RiskTier.LOW), ("我想让自己消失", RiskTier.LOW),
+    ("我觉得死了会比较轻松", RiskTier.LOW), ("我想让自己消失", RiskTier.LOW),
     ("我真的活够了", RiskTier.LOW), ("我恨不得死掉", RiskTier.MODERATE), ("我巴不得自己死了", RiskTier.MODERATE),
     ("我想一个人静静地死去", RiskTier.MODERATE), ("我想吃药自杀", RiskTier.HIGH),
 ])
@@ -549,7 +552,8 @@ def test_wishes_relief_and_a_named_method(text: str, expected: RiskTier) -> None
 
 
 @pytest.mark.parametrize("text", ["我想起死去的奶奶", "他想吃药自杀", "我不觉得死了会轻松", "这个架子撑不住了", "我困得撑不住了",
-                                  "他活够了", "我不会吃药自杀的"])
+                                  "他活够了", "我不会吃药自杀的", "我撑不住了，好困，先睡了",
+                                  "我真的活够了这种日子，想换工作"])
 def test_look_alikes_of_wishes_and_methods(text: str) -> None:
     assert tier(text) is None, safety_net_scan(text).hits
 
