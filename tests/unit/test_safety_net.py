@@ -521,7 +521,7 @@ def test_the_subject_of_a_clause_without_one(text: str, expected: RiskTier | Non
     ("I attempted suicide when I was 16", RiskTier.HIGH), ("I stood on the edge of the roof last night", RiskTier.HIGH),
     ("I've been researching how many pills it takes", RiskTier.HIGH), ("I looked up how to overdose", RiskTier.HIGH),
     ("I keep thinking about driving my car into a wall", RiskTier.HIGH), ("I started cutting again", RiskTier.MODERATE),
-    ("I'm a burden to everyone", RiskTier.LOW),
+    ("I'm a burden to everyone", RiskTier.LOW), ("I overdosed on my sleeping pills", RiskTier.HIGH),
     ("我是家里的累赘", RiskTier.LOW), ("没有我大家会过得更好", RiskTier.LOW), ("我想一觉睡过去再也不醒来", RiskTier.LOW),
     ("我在网上搜怎么自杀", RiskTier.HIGH), ("我昨晚站在楼顶边上", RiskTier.HIGH), ("我把绳子套在脖子上过", RiskTier.HIGH),
     ("我吃了一整瓶安眠药", RiskTier.HIGH), ("我想开车撞墙", RiskTier.HIGH), ("我写好了遗言", RiskTier.IMMINENT),
@@ -537,6 +537,7 @@ def test_behaviour_items_and_burdensomeness(text: str, expected: RiskTier) -> No
     "我不是大家的负担", "我吃了很多药，胃很难受", "我查了怎么做红烧肉", "他站在楼顶边上", "我开车去上班",
     "我给同事写了告别信，下个月离职", "I started cutting my own hair", "I keep cutting myself off from friends",
     "we looked up how to overdose-proof the medicine cabinet", "my grandma wrote a goodbye letter before she moved",
+    "I overdosed on chocolate", "I od'd on netflix this weekend",
 ])
 def test_look_alikes_of_behaviour_items(text: str) -> None:
     assert tier(text) is None, safety_net_scan(text).hits
