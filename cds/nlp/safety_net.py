@@ -377,9 +377,9 @@ def _last_subject(lex: Lexicon, prefix: str) -> str | None:
 def _sentence_subject(lex: Lexicon, doc: _Doc, start: int) -> str | None:
     """Who a clause without a subject of its own is about: the last subject earlier in the sentence
     ("我的一个朋友失恋了，要自杀"), unless the sentence opens with a clause that has none either. Then the
-    sentence is the speaker's own narrative with the pronoun dropped, as Chinese does ("天天和父母吵架，不想去学校，但父母
-    不了解，不想活了"), and a person named in a middle clause is not who the clause is about. Like the object rule,
-    this can only count a match, never discount one."""
+    sentence is the speaker's own narrative with the pronoun dropped, as Chinese does ("14岁，心事也从不敢对别人说，刚差点
+    跳楼了"), and a person named in a middle clause is not who the clause is about. Like the object rule, this can
+    only count a match, never discount one."""
     s0 = doc.sentence_start(start)
     i = bisect.bisect_right(doc.clause_ends, s0)
     first_clause_end = doc.clause_ends[i] if i < len(doc.clause_ends) and doc.clause_ends[i] <= start else start

@@ -49,9 +49,8 @@ def traditional_to_simplified() -> dict[str, str]:
 # that keeps the meaning (冇 -> 没) or are left to the lexicon (听日 tomorrow, 头先 just now).
 CANTONESE_TO_MANDARIN = {
     "咗": "了", "唔": "不", "冇": "没", "佢": "他", "哋": "们", "嘅": "的", "啲": "些", "喺": "在", "嚟": "来",
-    "畀": "给", "攰": "累", "鎅": "割", "\U00020779": "割", "睇": "看", "諗": "想", "谂": "想", "揾": "找", "搵": "找",
-    "瞓": "睡", "攞": "拿",
-}
+    "畀": "给", "攰": "累", "鎅": "割", "\U00020779": "割", "睇": "看", "谂": "想", "揾": "找", "瞓": "睡", "攞": "拿",
+}  # keyed by the Simplified form where OpenCC has one (諗 -> 谂, 搵 -> 揾 are folded before this table)
 
 
 @lru_cache(maxsize=65536)

@@ -141,9 +141,10 @@ def test_recent_signals_read_the_summaries_as_stored(db_conn: psycopg.Connection
                                                              expected(first, times[0]) + expected(second, times[1])]
     named = store.recent_signals(db_conn, PATIENT, since, {"phq9.item9", "text.tier", "phq9.total"})
     assert named == [s for s in got if s.name in {"phq9.item9", "text.tier", "phq9.total"}]
-    # The window's bounds (not a speed check): a row stamped at its start is in it, and one the smallest
-    # timestamptz step (1 microsecond) before its start is not.
+    # The window's bounds (timestamps, not speed): a row stamped at its start is in it, and one the smallest
+    # timestamptz step before its start is not.
     last = max(times)
+    timestamptz_step = timedelta(microseconds=1)  # PostgreSQL's timestamp resolution
     assert store.recent_signals(db_conn, PATIENT, last) == [s for s in got if s.observed_at >= last]
-    assert store.recent_signals(db_conn, PATIENT, last + timedelta(microseconds=1)) == []
+    assert store.recent_signals(db_conn, PATIENT, last + timestamptz_step) == []
     assert store.recent_signals(db_conn, "Patient/nobody", since) == []
