@@ -154,14 +154,18 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
 
 
 def tier_from_probs(p: npt.NDArray[np.float32], thresholds: Mapping[str, float]) -> RiskTier:
-    """Highest tier k whose P(tier >= k) reaches its threshold (recall first: any head may raise it)."""
+    """Highest tier k whose P(tier >= k) reaches its threshold (recall first: any head may raise it),
+    once the model finds any risk more likely than not (P(tier >= low) >= ANY_RISK_GATE)."""
     tier = RiskTier.NONE
+    if p[0] < ANY_RISK_GATE:
+        return tier
     for k, head in enumerate(TIER_HEADS, start=1):
         if p[k - 1] >= thresholds[head]:
             tier = RiskTier(k)
     return tier
 
 
+ANY_RISK_GATE = 0.5  # no model tier while P(any risk) < 0.5: a higher head alone does not raise it
 CAP_MAX_CHARS = 40  # the cap below applies to short single-statement messages only
 
 

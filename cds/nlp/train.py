@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from cds.nlp.data import Example, load_examples, sample_examples
 from cds.nlp.features import FeatureConfig, featurise
-from cds.nlp.model import HEADS, TIER_HEADS, sha256_file
+from cds.nlp.model import ANY_RISK_GATE, HEADS, TIER_HEADS, sha256_file
 from cds.nlp.safety_net import lexicons, safety_net_scan
 
-MODEL_VERSION = "1.0.0"
+MODEL_VERSION = "1.1.0"
 DEFAULT_C = 16.0
 FOLDS = 5
 # Recall the thresholds aim for on out-of-fold data (a margin above the project's 0.90 targets).
@@ -261,7 +261,11 @@ def _tiers(p: F, th: Sequence[float], sn: npt.NDArray[np.int64]) -> npt.NDArray[
     t = np.zeros(len(p), dtype=np.int64)
     for k in range(4):
         t = np.where(p[:, k] >= th[k], k + 1, t)
+    t = np.where(p[:, 0] >= ANY_RISK_GATE, t, 0)  # as tier_from_probs
     return np.maximum(t, sn)
+
+
+FLAG_OFF = 1.01  # a flag threshold above any probability: the head never sets the flag on its own
 
 
 def choose_thresholds(examples: Sequence[Example], oof: F, sn_tier: npt.NDArray[np.int64],
@@ -321,7 +325,7 @@ def choose_thresholds(examples: Sequence[Example], oof: F, sn_tier: npt.NDArray[
                 val += precision(t_zh[psy] >= 1, pred[psy] >= 1)
             pen = max(0.0, TARGET_RECALL["ge_low"] - recall(t_zh[psy] >= 1, pred[psy] >= 1)) if psy.any() else 0.0
             pen += max(0.0, TARGET_RECALL["ge_high"] - recall(t_zh >= 3, pred >= 3))
-            pen += max(0.0, 0.97 - recall(t_zh >= 3, pred >= 2))
+            pen += max(0.0, 0.98 - recall(t_zh >= 3, pred >= 2))
             return val - 10 * pen
 
         start = [0.5, 0.5, 0.5, 0.5]
@@ -351,7 +355,9 @@ def choose_thresholds(examples: Sequence[Example], oof: F, sn_tier: npt.NDArray[
         col = HEADS.index(h)
         pp = np.nan_to_num(oof[psy, col], nan=0.0)
         best: tuple[float, float] | None = None
-        for g in grid:
+        # FLAG_OFF first: where the head adds nothing out of fold to what the safety net finds, the
+        # flag comes from the net alone (a tie keeps it off).
+        for g in [FLAG_OFF, *grid]:
             pred = (pp >= g) | extra
             if y.sum() == 0:
                 break
@@ -407,8 +413,9 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
         "probability": "probs[ge_low]: calibrated P(tier >= low), Platt scaling on 5-fold out-of-fold predictions",
         "features": cfg.to_json(),
         "thresholds": thresholds,
-        "threshold_rule": "tier = highest k with P(tier >= k) >= thresholds[lang][head_k]; final tier = "
-                          "max(model tier, safety-net tier); flag = P(flag) >= threshold or safety net",
+        "threshold_rule": "tier = highest k with P(tier >= k) >= thresholds[lang][head_k], none while "
+                          f"P(tier >= low) < {ANY_RISK_GATE}; final tier = max(model tier, safety-net tier); "
+                          f"flag = P(flag) >= threshold or safety net ({FLAG_OFF}: the net alone)",
         "training": {"seed": seed, "C": c, "folds": FOLDS, "sample": sample, "data_dir_name": Path(data_dir).name,
                      "split": "psysuicide 80/20 stratified by tier+harm (seeded); SOS-4K train / val files; "
                               "Reddit C-SSRS users 80/20 stratified; SDCNL 80/20 stratified",
@@ -416,28 +423,26 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
                      "calibration": calib, "python": platform.python_version()},
         "lexicons": {lang: {"id": lx.id, "version": lx.version} for lang, lx in lex.items()},
     }
+    # Written before the evaluation, which loads the model from out_dir as the service would: retraining
+    # in place must evaluate these thresholds (and this sha256), never the previous model's manifest.
+    _write_manifest(out_dir, manifest)
     if evaluate:
-        manifest["metrics"] = evaluate_model_dir(out_dir, examples, manifest, progress=progress)
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
+        manifest["metrics"] = evaluate_model_dir(out_dir, examples, progress=progress)
+        _write_manifest(out_dir, manifest)
     return manifest
 
 
-def evaluate_model_dir(model_dir: Path, examples: Sequence[Example], manifest: Mapping[str, Any] | None = None,
-                       progress: bool = True, reps: int = 1000) -> dict[str, Any]:
+def _write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> None:
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
+
+
+def evaluate_model_dir(model_dir: Path, examples: Sequence[Example], progress: bool = True,
+                       reps: int = 1000) -> dict[str, Any]:
     """Metrics of the exported model (through onnxruntime, exactly as served) on the test split."""
     from cds.nlp.model import TextRiskModel
 
-    if manifest is not None and not (model_dir / "manifest.json").exists():
-        (model_dir / "manifest.json").write_text(json.dumps(dict(manifest), ensure_ascii=False), encoding="utf-8")
-        tmp_manifest = True
-    else:
-        tmp_manifest = False
-    try:
-        model = TextRiskModel.load(model_dir, providers=["CPUExecutionProvider"])
-    finally:
-        if tmp_manifest:
-            (model_dir / "manifest.json").unlink()
+    model = TextRiskModel.load(model_dir, providers=["CPUExecutionProvider"])
     test = [e for e in examples if e.split == "test"]
     results = []
     for i in tqdm(range(0, len(test), 256), desc="evaluate", unit="batch", disable=not progress):

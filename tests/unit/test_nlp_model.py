@@ -100,6 +100,44 @@ def test_training_is_reproducible(tiny_data: Path, tiny_model_dir: Path, tmp_pat
     assert (tmp_path / "model.onnx").read_bytes() == (tiny_model_dir / "model.onnx").read_bytes()
 
 
+def test_retraining_in_place_evaluates_the_new_model(tiny_data: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`cds model train` writes into the served model folder by default: the evaluation must read the new
+    manifest (sha256, thresholds), not the one of the model it replaces."""
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, out)
+    stale = read_manifest(out)
+    stale["sha256"] = "0" * 64
+    stale["thresholds"] = {lang: {h: 0.99 for h in HEADS} for lang in ("zh", "en", "default")}
+    (out / "manifest.json").write_text(json.dumps(stale), encoding="utf-8")
+    res = CliRunner().invoke(model_group, ["train", "--data-dir", str(tiny_data), "--sample", "200",
+                                           "--out", str(out), "--seed", "7"])
+    assert res.exit_code == 0, res.output
+    assert read_manifest(out)["thresholds"] == read_manifest(tiny_model_dir)["thresholds"]
+    assert read_manifest(out)["metrics"] == read_manifest(tiny_model_dir)["metrics"]
+
+
+def test_a_flag_head_that_adds_nothing_to_the_safety_net_is_off() -> None:
+    """Out of fold the harm head found no harm the safety net missed and added false alarms: the flag
+    then comes from the net alone (threshold FLAG_OFF, above any probability)."""
+    from cds.nlp.data import Example
+    from cds.nlp.train import FLAG_OFF, choose_thresholds
+
+    examples, probs, harm_net = [], [], []
+    for i in range(100):
+        harm = i < 10
+        examples.append(Example(f"h{i}", "psysuicide_zh", "social_media", "zh", 0, False, harm, False))
+        probs.append([0.1, 0.05, 0.01, 0.0, 0.9 if i % 7 == 0 else 0.05, 0.0])  # fires on noise only
+        harm_net.append(harm)
+    th = choose_thresholds(examples, np.array(probs), np.zeros(100, dtype=np.int64), np.array(harm_net),
+                           np.ones(100, dtype=bool))
+    assert th["zh"]["harm_to_others"] == FLAG_OFF
+    probs = [[*p[:4], 0.9 if i in (3, 5, 7) else 0.05, 0.0] for i, p in enumerate(probs)]  # now it finds 3
+    harm_net = [h and i not in (3, 5, 7) for i, h in enumerate(harm_net)]
+    th = choose_thresholds(examples, np.array(probs), np.zeros(100, dtype=np.int64), np.array(harm_net),
+                           np.ones(100, dtype=bool))
+    assert th["zh"]["harm_to_others"] < 1.0
+
+
 def test_manifest_records_what_is_needed(tiny_model_dir: Path) -> None:
     m = read_manifest(tiny_model_dir)
     assert m["heads"] == list(HEADS)
@@ -451,3 +489,15 @@ def test_traditional_chinese_reads_as_simplified(traditional: str, simplified: s
     assert t.probability == pytest.approx(s.probability, abs=1e-6)
     assert [(e.start, e.end, e.kind) for e in t.evidence] == [(e.start, e.end, e.kind) for e in s.evidence]
     assert all(e.text == traditional[e.start:e.end] for e in t.evidence)
+
+
+def test_no_model_tier_while_any_risk_is_less_likely_than_not() -> None:
+    """A higher head alone does not raise the tier while P(tier >= low) < ANY_RISK_GATE (content-free chat
+    turns such as 药店几点关门？ had P(any) 0.37 and a high tier through the low ge_high threshold)."""
+    from cds.nlp.model import ANY_RISK_GATE, tier_from_probs
+
+    th = {"ge_low": 0.8, "ge_moderate": 0.5, "ge_high": 0.25, "ge_imminent": 0.3}
+    below = np.array([ANY_RISK_GATE - 0.01, 0.3, 0.3, 0.1], dtype=np.float32)
+    at = np.array([ANY_RISK_GATE, 0.3, 0.3, 0.1], dtype=np.float32)
+    assert tier_from_probs(below, th) == RiskTier.NONE
+    assert tier_from_probs(at, th) == RiskTier.HIGH

@@ -374,6 +374,41 @@ def test_own_risk_idioms_and_negation_do_not_set_harm_to_others(text: str) -> No
     assert not safety_net_scan(text).harm_to_others
 
 
+@pytest.mark.parametrize("text", [  # zh 1.13.0: wishing another dead, attacking someone, a blade on things
+    "觉着她死了拉倒", "他死了才好", "他们死了最好", "他怎么还不去死", "我有时会攻击她", "比如说攻击她",
+    "总是会拿刀拿斧去砍东西发泄", "我想把他们全杀了", "我想把我的继父杀了", "你这个大傻逼",
+])
+def test_harm_to_others_1_13_0(text: str) -> None:
+    result = safety_net_scan(text)
+    assert result.harm_to_others, result.hits
+    assert result.tier is None
+
+
+@pytest.mark.parametrize("text", [  # the same words with the speaker as the victim, or no one as the target
+    "六岁的时候妈妈说我多说一句话就要把我砍死", "他们想把我们都杀了", "一言不发太傻逼了", "我奶奶去年死了", "她说她死了算了",
+    "我被攻击了", "他攻击她的观点", "我不会攻击别人", "切菜时拿刀砍到了手",
+])
+def test_look_alikes_of_harm_1_13_0_are_not_harm(text: str) -> None:
+    assert not safety_net_scan(text).harm_to_others, [h for h in safety_net_scan(text).hits if h.counted]
+
+
+@pytest.mark.parametrize("text", ["我已经攒了一个月的药，这周末就吃", "我攒了半年的安眠药", "我囤了3个月的药"])
+def test_pills_saved_up_over_a_time_are_a_preparatory_act(text: str) -> None:
+    """The issue's own example in Chinese: a duration between 攒了 and 药 still names a stockpile (imminent)."""
+    assert safety_net_scan(text).tier == RiskTier.IMMINENT
+
+
+@pytest.mark.parametrize("text", ["医生给我开了一个月的药", "我存了一个月的药", "我不会再攒了一个月的药"])
+def test_a_months_prescription_is_not_a_stockpile(text: str) -> None:
+    assert safety_net_scan(text).tier is None
+
+
+def test_cut_myself_with_an_injury_word_is_self_harm() -> None:
+    """割伤自己 is 割自己 with the result of the cut (as 划伤自己); 割伤了手指 by accident is not self-harm."""
+    assert safety_net_scan("比如说写诗 比如说割伤自己").tier == RiskTier.MODERATE
+    assert safety_net_scan("我不小心割伤了手指").tier is None
+
+
 @pytest.mark.parametrize("text", ["他又打我了", "我被同学欺负", "爸爸让我去死", "I was raped", "my dad hits me"])
 def test_victimisation_flag(text: str) -> None:
     result = safety_net_scan(text)
