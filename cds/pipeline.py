@@ -102,7 +102,7 @@ class Assessed:
 
 def _text_signals(engines: Engines, text: str, context: Sequence[str], ref: str) -> list[Signal]:
     if engines.text_model is not None:
-        result = engines.text_model.assess_conversation([*context, text])
+        result = engines.text_model.assess_conversation([*context, text], new=1)  # context: assessed before
         return list(result.signals(ref))
     # Degraded: the deterministic safety net still runs, and the result says the model is missing.
     from cds.nlp.safety_net import conversation_scan

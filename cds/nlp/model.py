@@ -377,14 +377,19 @@ class TextRiskModel:
                           model_tier=model_tier, safety_net_tier=sn.tier, model_source=self.source,
                           safety_net_kinds=sn.kinds, safety_net_source=",".join(sn.lexicons))
 
-    def _capped_window(self, tier: RiskTier, window: str, part: Sequence[str], lang: str | None) -> RiskTier:
-        """A window's model tier under the short-message cap, judged by the safety net on that window alone."""
+    def _capped_window(self, tier: RiskTier, window: str, part: Sequence[str], lang: str | None,
+                       whole: tuple[Sequence[str], SafetyNetResult] | None = None) -> RiskTier:
+        """A window's model tier under the short-message cap, judged by the safety net on that window alone
+        (``whole``: the conversation and its scan, reused when the window is the whole conversation)."""
         if tier <= RiskTier.LOW or len(window) > CAP_MAX_CHARS:
             return tier  # the cap cannot apply: no need to scan
+        if whole is not None and len(part) == len(whole[0]):  # a suffix as long as the list is the list
+            return capped_model_tier(tier, whole[1], len(window))
         return capped_model_tier(tier, conversation_scan(part, lang or detect_lang(window), self.lexicon_dir),
                                  len(window))
 
-    def assess_conversation(self, messages: Sequence[str], lang: str | None = None) -> TextResult:
+    def assess_conversation(self, messages: Sequence[str], lang: str | None = None, *,
+                            new: int | None = None) -> TextResult:
         """Consecutive messages of one patient's episode, assessed together.
 
         tier = max(each message alone, the model on every window of up to CONTEXT_MESSAGES consecutive
@@ -393,9 +398,17 @@ class TextRiskModel:
         message can only add terms to that max: a later "I was joking" never lowers the tier.
         probability = the highest of the message and window probabilities. Evidence offsets are into
         each message, with ``ref="#<index>"``.
+
+        ``new``: only the last ``new`` messages are new, and only the windows ending at them are read
+        by the model. The pipeline passes a sliding slice (the latest message and the few before it);
+        a window ending at an earlier message of the slice would be a truncated copy of the window that
+        was assessed when that message was the latest, so reading it again only costs model rows (eight
+        per message, not one). Each message alone and the joint safety-net scan still cover the slice.
         """
         if isinstance(messages, str):
             raise InputError("assess_conversation() takes a sequence of messages, not one string")
+        if new is not None and new < 1:
+            raise InputError("assess_conversation(): new must be at least 1")
         messages = [m if isinstance(m, str) else "" for m in messages]
         if not messages:
             return self.classify([""])[0]
@@ -407,7 +420,8 @@ class TextRiskModel:
         # to the max below never changes when a later message arrives: the tier cannot drop (the
         # conversation's detected language can flip as messages come, and with it the thresholds).
         per = self.classify(messages, [given] * len(messages))
-        parts = [messages[max(0, i - CONTEXT_MESSAGES + 1):i + 1] for i in range(1, len(messages))]
+        first = 1 if new is None else max(1, len(messages) - new)
+        parts = [messages[max(0, i - CONTEXT_MESSAGES + 1):i + 1] for i in range(first, len(messages))]
         windows = ["\n".join(p) for p in parts]
         win_probs = self._predict_joined(parts) if windows else np.zeros((0, len(HEADS)), np.float32)
         win_th = [self._thresholds_for(given or detect_lang(w)) for w in windows]
@@ -437,7 +451,8 @@ class TextRiskModel:
         # The final tier uses each message's final tier and the windows' model tiers under the same
         # caps as a single message (capped_model_tier, with the window's own scan), then the safety net on
         # the whole conversation.
-        capped_windows = [self._capped_window(t, w, part, given) for t, (w, part, _, _) in zip(win_tiers, kept)]
+        capped_windows = [self._capped_window(t, w, part, given, (messages, sn))
+                          for t, (w, part, _, _) in zip(win_tiers, kept)]
         tier = max([r.tier for r in per] + capped_windows + ([sn_tier] if sn_tier is not None else []))
         win_max = win_probs.max(axis=0) if len(win_probs) else np.zeros(len(HEADS), np.float32)
         harm_window = any(bool(p[4] >= th["harm_to_others"]) for _, _, p, th in kept)

@@ -20,6 +20,7 @@ from markupsafe import Markup
 
 from cds.domain import Event, RiskTier
 from cds.errors import CryptoError, ForbiddenError, InputError, NotFoundError
+from cds.pipeline import CONTEXT_MESSAGES
 from cds.store.cipher import Cipher, open_json
 from cds.store.events import event_aad
 from cds.web import auth, service
@@ -42,7 +43,6 @@ bp = Blueprint("dashboard", __name__, url_prefix="/dashboard")
 
 LIST_ROLES = ("psychiatrist", "nurse", "supervisor", "admin")
 REVIEW_ROLES = ("psychiatrist",)
-CONTEXT_MESSAGES = 20  # as cds.store.events.conversation_messages: the context the model saw
 MAX_PATIENTS = 500
 
 
@@ -251,7 +251,7 @@ def load_transcript(conn: psycopg.Connection[Any], cipher: Cipher, patient_ref: 
         if target is None:
             continue
         earlier = [m for m in messages if target.conversation and m.conversation == target.conversation
-                   and m.event_id < target.event_id][-CONTEXT_MESSAGES:]
+                   and m.event_id < target.event_id][-CONTEXT_MESSAGES:]  # the slice the pipeline read
         context = [m for m in earlier if m.patient_authored] + [target]
         for e in view.evidence:
             base, _, index = e.ref.partition("#")

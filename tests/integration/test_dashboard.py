@@ -137,6 +137,23 @@ def test_patient_page_shows_banded_trends_highlighted_evidence_and_is_audited(ch
     assert "对话记录" in zh and "触发的规则" in zh
 
 
+def test_evidence_in_a_long_conversation_is_highlighted_on_its_message(ehr: Any, service: Any, client: Any) -> None:
+    """Evidence refs index the slice of the conversation the pipeline read (CONTEXT_MESSAGES earlier
+    messages): the page must count the same slice, or after a long exchange every span lands on the wrong
+    message and is dropped (the page had counted 20 while the pipeline read 8)."""
+    ref = new_patient(ehr, "MRN-D-LONG")
+    for i in range(12):
+        ehr.create(chat(ref, f"We talked about school today, part {i}.", session="S-LONG",
+                        sent=f"2026-11-21T01:{i:02d}:00Z"))
+    ehr.create(chat(ref, "I keep thinking about the pills", session="S-LONG", sent="2026-11-21T01:30:00Z"))
+    ehr.create(chat(ref, "I bought them today", session="S-LONG", sent="2026-11-21T01:31:00Z"))
+    ingest_cycle(service)
+    sign_in(client, service, "psychiatrist", wards=("ward5",))
+    html = client.get(f"/dashboard/patient/{ref}?lang=en").text
+    marks = [text for _, text in re.findall(r'<mark class="ev ([^"]*)"[^>]*>([^<]+)</mark>', html)]
+    assert "pills" in marks, marks
+
+
 def test_override_is_stored_encrypted_audited_and_leaves_the_tier(chart_patient: str, service: Any,
                                                                   client: Any) -> None:
     ref = chart_patient

@@ -470,6 +470,37 @@ def test_a_growing_conversation_sends_only_its_new_window_to_the_model(model: Te
         del model._run_counts
 
 
+def test_a_sliding_slice_sends_only_the_latest_window_to_the_model(model: TextRiskModel) -> None:
+    """The pipeline passes the latest message with the few before it (a slice that slides by one): with
+    new=1 only the window ending at the latest message is read by the model, not one truncated window per
+    earlier message; each message alone and the joint scan still count, and context still counts."""
+    rows: list[int] = []
+    run_counts = model._run_counts
+
+    def counting(counts: Any, want_contrib: bool) -> Any:
+        rows.append(len(counts))
+        return run_counts(counts, want_contrib)
+
+    conversation = [f"滑动第{i}条 sliding message {i}" for i in range(20)]
+    model._run_counts = counting  # type: ignore[method-assign]
+    try:
+        for i in range(len(conversation)):
+            rows.clear()
+            model.assess_conversation(conversation[max(0, i - 8):i + 1], new=1)
+            assert sum(rows) == (1 if i == 0 else 2), (i, rows)  # the new message alone and its window
+            if i >= 9:
+                rows.clear()
+                model.assess_conversation(conversation[i - 8:i + 1])  # without new: every truncated window
+                assert sum(rows) >= 7, (i, rows)
+    finally:
+        del model._run_counts
+    served = TextRiskModel.load()
+    context = served.assess_conversation(["I keep thinking about the pills", "I bought them today"], new=1)
+    assert context.tier >= RiskTier.HIGH
+    with pytest.raises(Exception, match="at least 1"):
+        served.assess_conversation(["a", "b"], new=0)
+
+
 @pytest.mark.parametrize("traditional,simplified", [
     ("我已經攢夠了安眠藥，打算這週末全部吃掉", "我已经攒够了安眠药，打算这周末全部吃掉"),
     ("無數次我都會構思自己如何死亡", "无数次我都会构思自己如何死亡"),
