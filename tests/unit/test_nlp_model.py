@@ -3,11 +3,13 @@ conversations, the safety-net floor and the CLI. Never trains the full model."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -448,9 +450,9 @@ def test_cached_results_equal_fresh_ones() -> None:
     assert all(same(a, b) for a, b in zip(model.classify(conversation), cold.classify(conversation)))
 
 
-def test_a_growing_conversation_sends_only_its_new_window_to_the_model(model: TextRiskModel) -> None:
-    """Each new message re-assesses the conversation; its earlier windows come from the cache, so the
-    model's work per message stays flat instead of growing with the conversation."""
+@contextlib.contextmanager
+def model_rows(model: TextRiskModel) -> Iterator[list[int]]:
+    """The number of rows of each batch the model reads while the block runs."""
     rows: list[int] = []
     run_counts = model._run_counts
 
@@ -458,32 +460,31 @@ def test_a_growing_conversation_sends_only_its_new_window_to_the_model(model: Te
         rows.append(len(counts))
         return run_counts(counts, want_contrib)
 
-    conversation = [f"第{i}条消息 message {i}" for i in range(25)]
     model._run_counts = counting  # type: ignore[method-assign]
     try:
+        yield rows
+    finally:
+        del model._run_counts
+
+
+def test_a_growing_conversation_sends_only_its_new_window_to_the_model(model: TextRiskModel) -> None:
+    """Each new message re-assesses the conversation; its earlier windows come from the cache, so the
+    model's work per message stays flat instead of growing with the conversation."""
+    conversation = [f"第{i}条消息 message {i}" for i in range(25)]
+    with model_rows(model) as rows:
         for i in range(len(conversation)):
             rows.clear()
             model.assess_conversation(conversation[:i + 1])
             # one new message (classify) and, from the second message on, one new window
             assert sum(rows) == (1 if i == 0 else 2), (i, rows)
-    finally:
-        del model._run_counts
 
 
 def test_a_sliding_slice_sends_only_the_latest_window_to_the_model(model: TextRiskModel) -> None:
     """The pipeline passes the latest message with the few before it (a slice that slides by one): with
     new=1 only the window ending at the latest message is read by the model, not one truncated window per
     earlier message; each message alone and the joint scan still count, and context still counts."""
-    rows: list[int] = []
-    run_counts = model._run_counts
-
-    def counting(counts: Any, want_contrib: bool) -> Any:
-        rows.append(len(counts))
-        return run_counts(counts, want_contrib)
-
     conversation = [f"滑动第{i}条 sliding message {i}" for i in range(20)]
-    model._run_counts = counting  # type: ignore[method-assign]
-    try:
+    with model_rows(model) as rows:
         for i in range(len(conversation)):
             rows.clear()
             model.assess_conversation(conversation[max(0, i - 8):i + 1], new=1)
@@ -492,8 +493,6 @@ def test_a_sliding_slice_sends_only_the_latest_window_to_the_model(model: TextRi
                 rows.clear()
                 model.assess_conversation(conversation[i - 8:i + 1])  # without new: every truncated window
                 assert sum(rows) >= 7, (i, rows)
-    finally:
-        del model._run_counts
     served = TextRiskModel.load()
     context = served.assess_conversation(["I keep thinking about the pills", "I bought them today"], new=1)
     assert context.tier >= RiskTier.HIGH
