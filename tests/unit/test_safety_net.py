@@ -403,6 +403,20 @@ def test_a_months_prescription_is_not_a_stockpile(text: str) -> None:
     assert safety_net_scan(text).tier is None
 
 
+@pytest.mark.parametrize("text", [  # en 1.11.0: a weekday is a time; "going to overdose" names the method
+    "I plan to hang myself on Friday", "I'm going to overdose next Monday", "I'll overdose tonight",
+])
+def test_method_with_a_weekday_or_an_overdose_intent_is_imminent(text: str) -> None:
+    assert safety_net_scan(text).tier == RiskTier.IMMINENT
+
+
+@pytest.mark.parametrize("text", ["I'm seeing my therapist on Friday", "see you next monday", "I would never overdose",
+                                  "will overdose be covered in the lecture?", "my friend is going to overdose, I'm worried",
+                                  "I'm gonna overdose on chocolate this weekend"])
+def test_weekdays_and_overdose_look_alikes_are_not_risk(text: str) -> None:
+    assert safety_net_scan(text).tier is None
+
+
 def test_cut_myself_with_an_injury_word_is_self_harm() -> None:
     """割伤自己 is 割自己 with the result of the cut (as 划伤自己); 割伤了手指 by accident is not self-harm."""
     assert safety_net_scan("比如说写诗 比如说割伤自己").tier == RiskTier.MODERATE
