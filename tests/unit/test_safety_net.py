@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from cds.domain import RiskTier
 from cds.nlp import safety_net_scan
+from cds.nlp.safety_net import conversation_scan
 
 
 def tier(text: str, lang: str | None = None) -> RiskTier | None:
@@ -414,6 +415,20 @@ def test_method_with_a_weekday_or_an_overdose_intent_is_imminent(text: str) -> N
                                   "will overdose be covered in the lecture?", "my friend is going to overdose, I'm worried",
                                   "I'm gonna overdose on chocolate this weekend"])
 def test_weekdays_and_overdose_look_alikes_are_not_risk(text: str) -> None:
+    assert safety_net_scan(text).tier is None
+
+
+@pytest.mark.parametrize("conversation", [  # en 1.12.0 / zh 1.14.0: a plan without its object, after ideation
+    ["I want to die", "I know exactly how I'm going to do it"], ["我不想活了", "我已经想好怎么做了"],
+    ["I want to end it all", "I've decided. Sunday night."], ["我想死", "日子我已经定好了"],
+])
+def test_a_plan_that_leans_on_earlier_ideation_is_high(conversation: list[str]) -> None:
+    assert conversation_scan(conversation).tier == RiskTier.HIGH
+
+
+@pytest.mark.parametrize("text", ["我想好怎么做了，明天去跟老板谈", "I know exactly how to do it, the recipe is easy",
+                                  "日子定好了，下个月结婚", "see you sunday night!"])
+def test_a_plan_or_a_day_with_no_risk_nearby_is_nothing(text: str) -> None:
     assert safety_net_scan(text).tier is None
 
 
