@@ -172,7 +172,6 @@ def assess(event: Event, history: History, engines: Engines, *, now: datetime,
 
 # -- with the store -------------------------------------------------------------------------------
 
-CONTEXT_MESSAGES = 8  # earlier messages of a conversation read with each new one
 
 
 def _path(value: Any, *keys: str) -> Any:
@@ -488,8 +487,7 @@ class Pipeline:
         event = stored.event
         conversation: Callable[[], list[event_store.StoredEvent]] = list
         if event.resource_type == "Communication":
-            conversation = event_store.conversation_messages_deferred(conn, self.cipher, stored,
-                                                                      limit=CONTEXT_MESSAGES)
+            conversation = event_store.conversation_messages_deferred(conn, self.cipher, stored)
         return _EventReads(
             newer_version_done=event_store.newer_version_done_deferred(conn, stored),
             conversation=conversation,

@@ -126,14 +126,19 @@ def record_failure(conn: psycopg.Connection[Any], event_id: int, error: str, max
     return str(row[0]) if row else "missing"
 
 
+# Earlier messages of a conversation read with each new one: the slice the model assesses, whose indexes
+# (evidence ``#i``) the nurse's and the psychiatrist's pages map back to messages, so all of them read this.
+CONTEXT_MESSAGES = 8
+
+
 def conversation_messages(conn: psycopg.Connection[Any], cipher: Cipher, stored: StoredEvent,
-                          limit: int = 20) -> list[StoredEvent]:
+                          limit: int = CONTEXT_MESSAGES) -> list[StoredEvent]:
     """Earlier messages of the same conversation (oldest first), for conversation-level context."""
     return conversation_messages_deferred(conn, cipher, stored, limit)()
 
 
 def conversation_messages_deferred(conn: psycopg.Connection[Any], cipher: Cipher, stored: StoredEvent,
-                                   limit: int = 20) -> Callable[[], list[StoredEvent]]:
+                                   limit: int = CONTEXT_MESSAGES) -> Callable[[], list[StoredEvent]]:
     """``conversation_messages``, asked now and read (and decrypted) when called (in pipeline mode the
     query shares the next round trip)."""
     ev = stored.event

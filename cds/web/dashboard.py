@@ -20,9 +20,8 @@ from markupsafe import Markup
 
 from cds.domain import Event, RiskTier
 from cds.errors import CryptoError, ForbiddenError, InputError, NotFoundError
-from cds.pipeline import CONTEXT_MESSAGES
 from cds.store.cipher import Cipher, open_json
-from cds.store.events import event_aad
+from cds.store.events import CONTEXT_MESSAGES, event_aad
 from cds.web import auth, service
 from cds.web.charts import GAD7_BANDS, PHQ9_BANDS, Point, trend_svg
 from cds.web.i18n import MESSAGES, locale, t

@@ -45,6 +45,28 @@ def _audit(service: Any, event_type: str, **where: str) -> int:
                                 (event_type, *where.values())).fetchone()[0])
 
 
+def test_evidence_in_a_long_conversation_is_highlighted_on_its_own_message(ehr: Any, service: Any,
+                                                                          client: Any) -> None:
+    """Evidence ``#i`` indexes the slice the pipeline read (events.CONTEXT_MESSAGES earlier messages): the
+    page must read the same slice. It had read 20, so after a long exchange the spans of the latest message
+    were drawn on an earlier message's words."""
+    pat = ehr.create(patient(mrn="MRN-Q-LONG"))
+    ref = f"Patient/{pat['id']}"
+    for i in range(12):
+        ehr.create(chat(ref, f"We talked about school today, part {i}.", session="S-LONG",
+                        sent=f"2026-11-21T01:{i:02d}:00Z"))
+    ehr.create(chat(ref, PLAN, session="S-LONG", sent="2026-11-21T01:30:00Z"))
+    ingest_cycle(service)
+    sign_in(client, service, "nurse", username="nurse-long", wards=("ward5",))
+    html = client.get("/triage?lang=en").get_data(as_text=True)
+    marks = re.findall(r'<mark class="ev ([^"]*)"[^>]*>([^<]+)</mark>', html)
+    legend = {"timing", "preparation", "means", "model cue", "plan", "ideation"}
+    risk = [(kinds, text) for kinds, text in marks if text not in legend and "timing" not in kinds]
+    # before the fix: 'ed about scho' as a preparatory act, 'ol to' as means, 'part 8' as a model cue
+    assert risk and all(text in PLAN for _, text in risk), risk
+    assert ("ev-means", "pills") in marks, marks
+
+
 def test_queue_highlights_the_patients_words_and_audits_the_read(ehr: Any, service: Any, client: Any) -> None:
     ref, alert_id = _stat_alert(ehr, service)
     sign_in(client, service, "nurse", username="nurse-w5", wards=("ward5",))
