@@ -153,6 +153,9 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
     return dict(manifest)
 
 
+ANY_RISK_GATE = 0.5  # no model tier while P(any risk) < 0.5: a higher head alone does not raise it
+
+
 def tier_from_probs(p: npt.NDArray[np.float32], thresholds: Mapping[str, float]) -> RiskTier:
     """Highest tier k whose P(tier >= k) reaches its threshold (recall first: any head may raise it),
     once the model finds any risk more likely than not (P(tier >= low) >= ANY_RISK_GATE)."""
@@ -165,7 +168,6 @@ def tier_from_probs(p: npt.NDArray[np.float32], thresholds: Mapping[str, float])
     return tier
 
 
-ANY_RISK_GATE = 0.5  # no model tier while P(any risk) < 0.5: a higher head alone does not raise it
 CAP_MAX_CHARS = 40  # the cap below applies to short single-statement messages only
 
 
@@ -377,14 +379,10 @@ class TextRiskModel:
                           model_tier=model_tier, safety_net_tier=sn.tier, model_source=self.source,
                           safety_net_kinds=sn.kinds, safety_net_source=",".join(sn.lexicons))
 
-    def _capped_window(self, tier: RiskTier, window: str, part: Sequence[str], lang: str | None,
-                       whole: tuple[Sequence[str], SafetyNetResult] | None = None) -> RiskTier:
-        """A window's model tier under the short-message cap, judged by the safety net on that window alone
-        (``whole``: the conversation and its scan, reused when the window is the whole conversation)."""
+    def _capped_window(self, tier: RiskTier, window: str, part: Sequence[str], lang: str | None) -> RiskTier:
+        """A window's model tier under the short-message cap, judged by the safety net on that window alone."""
         if tier <= RiskTier.LOW or len(window) > CAP_MAX_CHARS:
             return tier  # the cap cannot apply: no need to scan
-        if whole is not None and len(part) == len(whole[0]):  # a suffix as long as the list is the list
-            return capped_model_tier(tier, whole[1], len(window))
         return capped_model_tier(tier, conversation_scan(part, lang or detect_lang(window), self.lexicon_dir),
                                  len(window))
 
@@ -451,8 +449,7 @@ class TextRiskModel:
         # The final tier uses each message's final tier and the windows' model tiers under the same
         # caps as a single message (capped_model_tier, with the window's own scan), then the safety net on
         # the whole conversation.
-        capped_windows = [self._capped_window(t, w, part, given, (messages, sn))
-                          for t, (w, part, _, _) in zip(win_tiers, kept)]
+        capped_windows = [self._capped_window(t, w, part, given) for t, (w, part, _, _) in zip(win_tiers, kept)]
         tier = max([r.tier for r in per] + capped_windows + ([sn_tier] if sn_tier is not None else []))
         win_max = win_probs.max(axis=0) if len(win_probs) else np.zeros(len(HEADS), np.float32)
         harm_window = any(bool(p[4] >= th["harm_to_others"]) for _, _, p, th in kept)
