@@ -171,6 +171,28 @@ def tier_from_probs(p: npt.NDArray[np.float32], thresholds: Mapping[str, float])
 CAP_MAX_CHARS = 40  # the cap below applies to short single-statement messages only
 
 
+def post_length_cap(model_tier: RiskTier, longest: int, thresholds: Mapping[str, float],
+                    sn: SafetyNetResult | None = None) -> RiskTier:
+    """The model alone gives at most LOW where every message is shorter than ``post_min_chars`` of the
+    language (the manifest's, from training: set where that language learned from posts, not chat
+    turns) and the text names no means. English trained on Reddit posts and post histories only, 95% of
+    them 89 characters or more: on chat turns its higher heads fire on "I'm going to the gym after
+    dinner" as readily as on risk, and in conversations of ordinary chat 85% of messages raised an alert.
+    A LOW text sets a floor and raises no alert; the safety net still raises one on what it counts.
+    A means word the lexicon saw, counted or waiting for an anchor ("I keep thinking about the pills" ...
+    "I bought them today", "I have a rope ready and tonight is the night"), lifts the cap: there the
+    model's reading of the context is what finds the risk. ``longest``: the longest message of the text
+    or window; ``sn``: the safety-net scan of the same text or window."""
+    if model_tier <= RiskTier.LOW or longest >= float(thresholds.get("post_min_chars", 0)):
+        return model_tier
+    return model_tier if sn is not None and names_means(sn) else RiskTier.LOW
+
+
+def names_means(sn: SafetyNetResult) -> bool:
+    """The scan saw a means word, counted or waiting for an anchor (it lifts ``post_length_cap``)."""
+    return any(h.kind == "means" and h.status in ("counted", "no_context") for h in sn.hits)
+
+
 def capped_model_tier(model_tier: RiskTier, sn: SafetyNetResult, length: int) -> RiskTier:
     """The model tier as it enters the final max: capped at LOW when the safety net explains the
     risk words away - every suicidal match it found was negated, idiomatic, third/second person or
@@ -372,19 +394,22 @@ class TextRiskModel:
             elif harm:
                 evidence += self._model_evidence(text, contrib[0], contrib[1], 4)
         evidence.sort(key=lambda e: (e.start, e.end, e.kind))
-        tier = max(capped_model_tier(model_tier, sn, len(text)), sn.tier) if sn.tier is not None \
-            else capped_model_tier(model_tier, sn, len(text))
+        capped = capped_model_tier(post_length_cap(model_tier, len(text), th, sn), sn, len(text))
+        tier = max(capped, sn.tier) if sn.tier is not None else capped
         return TextResult(tier=tier, probability=prob, harm_to_others=harm or sn.harm_to_others,
                           victimisation=victim or sn.victimisation, evidence=tuple(evidence), lang=lang,
                           model_tier=model_tier, safety_net_tier=sn.tier, model_source=self.source,
                           safety_net_kinds=sn.kinds, safety_net_source=",".join(sn.lexicons))
 
-    def _capped_window(self, tier: RiskTier, window: str, part: Sequence[str], lang: str | None) -> RiskTier:
-        """A window's model tier under the short-message cap, judged by the safety net on that window alone."""
-        if tier <= RiskTier.LOW or len(window) > CAP_MAX_CHARS:
-            return tier  # the cap cannot apply: no need to scan
-        return capped_model_tier(tier, conversation_scan(part, lang or detect_lang(window), self.lexicon_dir),
-                                 len(window))
+    def _capped_window(self, tier: RiskTier, window: str, part: Sequence[str], lang: str | None,
+                       thresholds: Mapping[str, float]) -> RiskTier:
+        """A window's model tier under the post-length and short-message caps, judged by the safety net
+        on that window alone."""
+        longest = max(len(m) for m in part)
+        if tier <= RiskTier.LOW or (len(window) > CAP_MAX_CHARS and longest >= thresholds.get("post_min_chars", 0)):
+            return tier  # neither cap can apply: no need to scan
+        sn = conversation_scan(part, lang or detect_lang(window), self.lexicon_dir)
+        return capped_model_tier(post_length_cap(tier, longest, thresholds, sn), sn, len(window))
 
     def assess_conversation(self, messages: Sequence[str], lang: str | None = None, *,
                             new: int | None = None) -> TextResult:
@@ -449,7 +474,7 @@ class TextRiskModel:
         # The final tier uses each message's final tier and the windows' model tiers under the same
         # caps as a single message (capped_model_tier, with the window's own scan), then the safety net on
         # the whole conversation.
-        capped_windows = [self._capped_window(t, w, part, given) for t, (w, part, _, _) in zip(win_tiers, kept)]
+        capped_windows = [self._capped_window(t, w, part, given, th) for t, (w, part, _, th) in zip(win_tiers, kept)]
         tier = max([r.tier for r in per] + capped_windows + ([sn_tier] if sn_tier is not None else []))
         win_max = win_probs.max(axis=0) if len(win_probs) else np.zeros(len(HEADS), np.float32)
         harm_window = any(bool(p[4] >= th["harm_to_others"]) for _, _, p, th in kept)

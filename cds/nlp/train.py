@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from cds.nlp.data import Example, load_examples, sample_examples
 from cds.nlp.features import FeatureConfig, featurise
-from cds.nlp.model import ANY_RISK_GATE, HEADS, TIER_HEADS, sha256_file
+from cds.nlp.model import ANY_RISK_GATE, CAP_MAX_CHARS, HEADS, TIER_HEADS, names_means, sha256_file
 from cds.nlp.safety_net import lexicons, safety_net_scan
 
-MODEL_VERSION = "1.1.0"
+MODEL_VERSION = "1.2.0"
 DEFAULT_C = 16.0
 FOLDS = 5
 # Recall the thresholds aim for on out-of-fold data (a margin above the project's 0.90 targets).
@@ -257,19 +257,38 @@ def evaluate_predictions(examples: Sequence[Example], tiers: npt.NDArray[np.int6
 
 # ---- thresholds ----------------------------------------------------------------------------
 
-def _tiers(p: F, th: Sequence[float], sn: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+def _tiers(p: F, th: Sequence[float], sn: npt.NDArray[np.int64],
+           short: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.int64]:
     t = np.zeros(len(p), dtype=np.int64)
     for k in range(4):
         t = np.where(p[:, k] >= th[k], k + 1, t)
     t = np.where(p[:, 0] >= ANY_RISK_GATE, t, 0)  # as tier_from_probs
+    if short is not None:  # as post_length_cap
+        t = np.where(short, np.minimum(t, 1), t)
     return np.maximum(t, sn)
+
+
+POST_PERCENTILE = 5  # post_min_chars: this percentile of a language's training text lengths ...
+
+
+def post_min_chars(examples: Sequence[Example], rows: npt.NDArray[np.bool_]) -> dict[str, int]:
+    """Per language, the length below which the model alone gives at most LOW (model.post_length_cap):
+    the POST_PERCENTILE-th percentile of that language's train+validation texts, where it exceeds
+    CAP_MAX_CHARS (... a language that learned from posts, not from chat-length turns; 0 = no cap)."""
+    out: dict[str, int] = {}
+    for lang in sorted({e.lang for e in examples}):
+        lengths = [len(e.text) for e, r in zip(examples, rows) if r and e.lang == lang]
+        cut = int(np.percentile(lengths, POST_PERCENTILE)) if lengths else 0
+        out[lang] = cut if cut > CAP_MAX_CHARS else 0
+    return out
 
 
 FLAG_OFF = 1.01  # a flag threshold above any probability: the head never sets the flag on its own
 
 
 def choose_thresholds(examples: Sequence[Example], oof: F, sn_tier: npt.NDArray[np.int64],
-                      sn_harm: npt.NDArray[np.bool_], rows: npt.NDArray[np.bool_]) -> dict[str, Any]:
+                      sn_harm: npt.NDArray[np.bool_], rows: npt.NDArray[np.bool_],
+                      sn_means: npt.NDArray[np.bool_] | None = None) -> dict[str, Any]:
     """Per-language thresholds on out-of-fold probabilities combined with the safety net.
 
     zh: maximise SOS-4K 5-tier macro-F1 + psysuicide any-risk precision subject to recall >= TARGET_RECALL on
@@ -286,18 +305,24 @@ def choose_thresholds(examples: Sequence[Example], oof: F, sn_tier: npt.NDArray[
     p = np.minimum.accumulate(p, axis=1)
     result: dict[str, Any] = {}
 
+    min_chars = post_min_chars(examples, rows)
+    lengths = np.array([len(e.text) for e in examples])
+    short_all = np.array([lengths[i] < min_chars.get(e.lang, 0) for i, e in enumerate(examples)])
+    if sn_means is not None:  # a means word lifts the cap (post_length_cap)
+        short_all &= ~sn_means
+
     def search(mask: npt.NDArray[np.bool_], score: Callable[[npt.NDArray[np.int64]], float],
                start: list[float], heads: Sequence[int] = (0, 1, 2, 3)) -> list[float]:
         th = list(start)
         idx = np.flatnonzero(mask)
-        pp, ss = p[idx], sn_tier[idx]
-        best = score(_tiers(pp, th, ss))
+        pp, ss, sh = p[idx], sn_tier[idx], short_all[idx]
+        best = score(_tiers(pp, th, ss, sh))
         for _ in range(3):
             for k in heads:
                 for g in grid:
                     cand = list(th)
                     cand[k] = float(g)
-                    val = score(_tiers(pp, cand, ss))
+                    val = score(_tiers(pp, cand, ss, sh))
                     if val > best + 1e-9:
                         best, th = val, cand
         return th
@@ -344,7 +369,11 @@ def choose_thresholds(examples: Sequence[Example], oof: F, sn_tier: npt.NDArray[
             return val - 10 * pen
 
         result["en"] = dict(zip(TIER_HEADS, search(en, score_en, [0.5, 0.5, 0.5, 0.9])))
-    default = {h: float(np.mean([result[lang][h] for lang in result])) if result else 0.5 for h in TIER_HEADS}
+    default: dict[str, Any] = {h: float(np.mean([result[lang][h] for lang in result])) if result else 0.5
+                               for h in TIER_HEADS}
+    for lang in result:
+        result[lang]["post_min_chars"] = min_chars.get(lang, 0)
+    default["post_min_chars"] = 0
     result["default"] = default
     # Flags: one threshold each, on psysuicide out-of-fold, combined with the safety net.
     psy = np.flatnonzero(rows & (src == "psysuicide_zh"))
@@ -391,7 +420,8 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
                                                          disable=not progress)]
     sn_tier = np.array([-1 if r.tier is None else int(r.tier) for r in sn])
     sn_harm = np.array([r.harm_to_others for r in sn])
-    thresholds = choose_thresholds(examples, oof, np.maximum(sn_tier, 0), sn_harm, rows)
+    sn_means = np.array([names_means(r) for r in sn])
+    thresholds = choose_thresholds(examples, oof, np.maximum(sn_tier, 0), sn_harm, rows, sn_means)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = build_graph(m.idf, w.astype(np.float32), b.astype(np.float32),
@@ -414,7 +444,8 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
         "features": cfg.to_json(),
         "thresholds": thresholds,
         "threshold_rule": "tier = highest k with P(tier >= k) >= thresholds[lang][head_k], none while "
-                          f"P(tier >= low) < {ANY_RISK_GATE}; final tier = max(model tier, safety-net tier); "
+                          f"P(tier >= low) < {ANY_RISK_GATE}, at most low where every message is shorter than "
+                          "thresholds[lang][post_min_chars]; final tier = max(model tier, safety-net tier); "
                           f"flag = P(flag) >= threshold or safety net ({FLAG_OFF}: the net alone)",
         "training": {"seed": seed, "C": c, "folds": FOLDS, "sample": sample, "data_dir_name": Path(data_dir).name,
                      "split": "psysuicide 80/20 stratified by tier+harm (seeded); SOS-4K train / val files; "

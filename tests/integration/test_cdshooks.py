@@ -142,7 +142,7 @@ TIER_CASES = {
     "none": (lambda ref: phq9(ref, [0] * 9), "none", "info"),
     "low": (lambda ref: chat(ref, "I feel hopeless, sometimes I wish I could just disappear"), "low", "info"),
     "moderate": (lambda ref: phq9(ref, [0, 0, 0, 0, 0, 0, 0, 0, 1]), "moderate", "warning"),
-    "high": (lambda ref: chat(ref, "I want to kill myself"), "high", "critical"),
+    "high": (lambda ref: chat(ref, "I want to kill myself and I have a plan"), "high", "critical"),
     "imminent": (lambda ref: chat(ref, "I keep thinking about suicide and I bought a rope"), "imminent", "critical"),
     "indeterminate": (lambda ref: phq9(ref, [0, 0, 0, 0, 0, 0, 0, 0, None]), "none", "warning"),
 }

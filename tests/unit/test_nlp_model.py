@@ -145,7 +145,7 @@ def test_manifest_records_what_is_needed(tiny_model_dir: Path) -> None:
     assert m["heads"] == list(HEADS)
     assert m["training"]["seed"] == 7 and m["features"]["hash"] == "crc32"
     for lang in ("zh", "en", "default"):
-        assert set(m["thresholds"][lang]) == set(HEADS)
+        assert set(m["thresholds"][lang]) == {*HEADS, "post_min_chars"}
     assert "metrics" in m and "model+safety_net" in m["metrics"]
 
 
@@ -531,3 +531,59 @@ def test_no_model_tier_while_any_risk_is_less_likely_than_not() -> None:
     at = np.array([ANY_RISK_GATE, 0.3, 0.3, 0.1], dtype=np.float32)
     assert tier_from_probs(below, th) == RiskTier.NONE
     assert tier_from_probs(at, th) == RiskTier.HIGH
+
+
+# Everyday English chat sentences written for this test (not from any data set). Model 1.1.0 assessed each
+# of these "high" (an urgent nurse alert): the English model learned from Reddit posts only.
+EVERYDAY_EN = ["I'm going to the gym after dinner", "My dog died last month and I still miss him",
+               "My mom is in the hospital", "I went for a walk and it helped",
+               "I cried a bit yesterday watching a movie", "I lost my job and I don't know how to pay rent"]
+
+
+def test_the_english_model_alone_raises_no_alert_on_chat_turns() -> None:
+    served = TextRiskModel.load()
+    assert served.thresholds["en"]["post_min_chars"] > 40 and served.thresholds["zh"]["post_min_chars"] == 0
+    for r in served.classify(EVERYDAY_EN, ["en"] * len(EVERYDAY_EN)):
+        assert r.tier <= RiskTier.LOW, r
+    # nor in a conversation of them, where every window is longer than post_min_chars
+    for i in range(1, len(EVERYDAY_EN)):
+        assert served.assess_conversation(EVERYDAY_EN[:i + 1], "en", new=1).tier <= RiskTier.LOW
+
+
+def test_post_length_cap_applies_only_below_post_min_chars() -> None:
+    from cds.nlp.model import post_length_cap
+
+    th = {"post_min_chars": 89}
+    assert post_length_cap(RiskTier.HIGH, 88, th) == RiskTier.LOW
+    assert post_length_cap(RiskTier.HIGH, 89, th) == RiskTier.HIGH
+    assert post_length_cap(RiskTier.NONE, 10, th) == RiskTier.NONE
+    assert post_length_cap(RiskTier.HIGH, 10, {}) == RiskTier.HIGH  # a manifest without it: no cap
+
+
+def test_a_means_word_lifts_the_post_length_cap() -> None:
+    """Context the lexicon cannot anchor, read by the model: the issue's own example stays high."""
+    served = TextRiskModel.load()
+    for conversation in (["I keep thinking about the pills", "I bought them today"],
+                         ["I bought a rope today", "I'm going to use it tonight"]):
+        r = served.assess_conversation(conversation, "en", new=1)
+        assert r.safety_net_tier is None and r.tier >= RiskTier.HIGH, r
+
+
+def test_short_english_risk_still_alerts_through_the_safety_net() -> None:
+    served = TextRiskModel.load()
+    for text in ("What's the best way to kill yourself?", "I have a belt around my neck", "I want to hang myself"):
+        [r] = served.classify([text], ["en"])
+        assert r.tier >= RiskTier.HIGH, r
+
+
+def test_post_min_chars_is_set_only_for_a_language_without_chat_length_training_texts() -> None:
+    from cds.nlp.data import Example
+    from cds.nlp.train import post_min_chars
+
+    def ex(text: str, lang: str) -> Example:
+        return Example(text=text, source="s", subsource="s", lang=lang, tier=0, moderate_plus=False,
+                       harm=None, victim=None)
+
+    examples = [ex("x" * n, "en") for n in range(100, 200)] + [ex("字" * n, "zh") for n in range(5, 105)]
+    rows = np.ones(len(examples), dtype=bool)
+    assert post_min_chars(examples, rows) == {"en": 104, "zh": 0}

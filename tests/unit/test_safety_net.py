@@ -626,3 +626,39 @@ def test_look_alikes_of_wishes_and_methods(text: str) -> None:
 def test_wishing_someone_else_dead_is_harm_not_ideation() -> None:
     result = safety_net_scan("我恨不得他去死")
     assert result.tier is None and result.harm_to_others
+
+
+@pytest.mark.parametrize("text, expected", [  # en 1.13.0: asking for a method or its lethality names the means
+    ("What's the best way to kill yourself?", RiskTier.HIGH),
+    ("Will sodium nitrite kill me? Is it painful", RiskTier.HIGH),
+    ("is hanging a painless way", RiskTier.HIGH),
+    ("how painful is hanging", RiskTier.HIGH),
+    ("would 20 tylenol kill me", RiskTier.HIGH),
+    ("I have a belt around my neck. I wish I knew how to do it properly", RiskTier.IMMINENT),
+    ("I gave my cat to my neighbour because I won't be around", RiskTier.IMMINENT),
+    ("I've been thinking about ending things", RiskTier.MODERATE),
+    ("I don't see the point of going on anymore", RiskTier.LOW),
+])
+def test_method_seeking_and_veiled_statements_1_13_0(text: str, expected: RiskTier) -> None:
+    assert safety_net_scan(text, "en").tier == expected
+
+
+@pytest.mark.parametrize("text", [  # their look-alikes
+    "will my mom kill me if I fail", "will this coffee kill me lol", "how do you kill yourself in minecraft",
+    "I'm thinking about ending things with my girlfriend", "I don't see the point of this meeting",
+    "I gave my old guitar to my brother, I won't need it at college",
+    "I gave my dog to my sister since I won't be around next week",
+    "I would never look up the best way to kill myself",
+])
+def test_look_alikes_of_method_seeking_1_13_0_are_not_risk(text: str) -> None:
+    assert safety_net_scan(text, "en").tier is None
+
+
+@pytest.mark.parametrize("text", ["有时候觉得活着没什么意思", "活着真没啥意思", "我觉得活着也没什么意思了"])
+def test_life_has_no_meaning_with_a_filler_word_is_passive_ideation_1_15_0(text: str) -> None:
+    assert safety_net_scan(text, "zh").tier == RiskTier.LOW
+
+
+@pytest.mark.parametrize("text", ["这部电影没什么意思", "不要觉得活着没什么意思"])
+def test_no_meaning_about_a_film_or_negated_is_not_ideation(text: str) -> None:
+    assert safety_net_scan(text, "zh").tier is None
