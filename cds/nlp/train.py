@@ -268,16 +268,19 @@ def _tiers(p: F, th: Sequence[float], sn: npt.NDArray[np.int64],
     return np.maximum(t, sn)
 
 
-POST_PERCENTILE = 5  # post_min_chars: this percentile of a language's training text lengths ...
+POST_PERCENTILE = 5  # post_min_chars: this percentile of the lengths of the texts a language's thresholds ...
+# ... were chosen on. Below it the thresholds were never validated: the model alone stops at LOW there.
 
 
-def post_min_chars(examples: Sequence[Example], rows: npt.NDArray[np.bool_]) -> dict[str, int]:
+def post_min_chars(examples: Sequence[Example], chosen_on: Mapping[str, npt.NDArray[np.bool_]]) -> dict[str, int]:
     """Per language, the length below which the model alone gives at most LOW (model.post_length_cap):
-    the POST_PERCENTILE-th percentile of that language's train+validation texts, where it exceeds
-    CAP_MAX_CHARS (... a language that learned from posts, not from chat-length turns; 0 = no cap)."""
+    the POST_PERCENTILE-th percentile of the lengths of the texts that language's thresholds are chosen
+    on (``chosen_on``), where it exceeds CAP_MAX_CHARS. A language whose thresholds
+    were chosen on chat-length turns gets 0 (no cap); English, chosen on whole Reddit post histories, gets
+    a cap for everything shorter than nearly all of them."""
     out: dict[str, int] = {}
-    for lang in sorted({e.lang for e in examples}):
-        lengths = [len(e.text) for e, r in zip(examples, rows) if r and e.lang == lang]
+    for lang, mask in sorted(chosen_on.items()):
+        lengths = [len(examples[int(i)].text) for i in np.flatnonzero(mask)]
         cut = int(np.percentile(lengths, POST_PERCENTILE)) if lengths else 0
         out[lang] = cut if cut > CAP_MAX_CHARS else 0
     return out
@@ -305,7 +308,9 @@ def choose_thresholds(examples: Sequence[Example], oof: F, sn_tier: npt.NDArray[
     p = np.minimum.accumulate(p, axis=1)
     result: dict[str, Any] = {}
 
-    min_chars = post_min_chars(examples, rows)
+    zh = rows & np.isin(src, ["psysuicide_zh", "sos4k_zh"]) & (true >= 0)
+    en = rows & (src == "cssrs_reddit_en")
+    min_chars = post_min_chars(examples, {"zh": zh, "en": en})
     lengths = np.array([len(e.text) for e in examples])
     short_all = np.array([lengths[i] < min_chars.get(e.lang, 0) for i, e in enumerate(examples)])
     if sn_means is not None:  # a means word lifts the cap (post_length_cap)
@@ -333,7 +338,6 @@ def choose_thresholds(examples: Sequence[Example], oof: F, sn_tier: npt.NDArray[
     def precision(y: npt.NDArray[np.bool_], pred: npt.NDArray[np.bool_]) -> float:
         return float((y & pred).sum() / pred.sum()) if pred.sum() else 0.0
 
-    zh = rows & np.isin(src, ["psysuicide_zh", "sos4k_zh"]) & (true >= 0)
     if zh.any():
         zi = np.flatnonzero(zh)
         t_zh, s_zh = true[zi], src[zi]
@@ -357,7 +361,6 @@ def choose_thresholds(examples: Sequence[Example], oof: F, sn_tier: npt.NDArray[
         if psy.any():
             start = search(zh, score_low, start, heads=[0])
         result["zh"] = dict(zip(TIER_HEADS, search(zh, score_zh, start, heads=[0, 1, 2, 3])))
-    en = rows & (src == "cssrs_reddit_en")
     if en.any():
         ei = np.flatnonzero(en)
         t_en = true[ei]

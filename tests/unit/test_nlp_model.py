@@ -233,7 +233,8 @@ def test_classify_batch(model: TextRiskModel) -> None:
     assert len(results) == len(texts)
     for r in results:
         assert 0.0 <= r.probability <= 1.0
-        assert r.tier >= r.model_tier
+        # the reported model tier is uncapped; the caps never take it below LOW, nor the net's tier
+        assert r.tier >= min(r.model_tier, RiskTier.LOW) and r.tier >= (r.safety_net_tier or RiskTier.NONE)
         assert r.lang in ("zh", "en")
     assert results[0].lang == "zh" and results[2].lang == "en"
     empty = results[-1]
@@ -402,10 +403,17 @@ def test_short_message_the_lexicon_explains_away_is_capped_at_low(alarmed_model:
     assert r.tier == RiskTier.LOW
 
 
-@pytest.mark.parametrize("text", ["我想死", "今天下雨了", "I feel empty"])
+@pytest.mark.parametrize("text", ["我想死", "今天下雨了", "I feel empty. " * 40])
 def test_model_tier_stands_when_nothing_is_explained_away(alarmed_model: TextRiskModel, text: str) -> None:
     [r] = alarmed_model.classify([text])
     assert r.tier == RiskTier.IMMINENT
+
+
+def test_a_short_english_message_is_capped_by_post_length_even_when_nothing_is_explained_away(
+        alarmed_model: TextRiskModel) -> None:
+    assert alarmed_model.thresholds["en"]["post_min_chars"] > len("I feel empty")
+    [r] = alarmed_model.classify(["I feel empty"])
+    assert r.model_tier == RiskTier.IMMINENT and r.tier == RiskTier.LOW
 
 
 MESSAGE_TEXT = st.text(alphabet=st.sampled_from(list("ab z'Z9\n我想死了。！ Ｋ’é-")), max_size=30)
@@ -537,7 +545,11 @@ def test_no_model_tier_while_any_risk_is_less_likely_than_not() -> None:
 # of these "high" (an urgent nurse alert): the English model learned from Reddit posts only.
 EVERYDAY_EN = ["I'm going to the gym after dinner", "My dog died last month and I still miss him",
                "My mom is in the hospital", "I went for a walk and it helped",
-               "I cried a bit yesterday watching a movie", "I lost my job and I don't know how to pay rent"]
+               "I cried a bit yesterday watching a movie", "I lost my job and I don't know how to pay rent",
+               "I had a really rough day at work today, my boss yelled at me in front of everyone and I just feel "
+               "so embarrassed about it.",
+               "Thanks for talking with me last week, I tried the breathing exercise before my presentation and it "
+               "actually helped a lot."]
 
 
 def test_the_english_model_alone_raises_no_alert_on_chat_turns() -> None:
@@ -576,7 +588,7 @@ def test_short_english_risk_still_alerts_through_the_safety_net() -> None:
         assert r.tier >= RiskTier.HIGH, r
 
 
-def test_post_min_chars_is_set_only_for_a_language_without_chat_length_training_texts() -> None:
+def test_post_min_chars_is_set_only_where_thresholds_were_chosen_on_texts_longer_than_chat() -> None:
     from cds.nlp.data import Example
     from cds.nlp.train import post_min_chars
 
@@ -585,5 +597,7 @@ def test_post_min_chars_is_set_only_for_a_language_without_chat_length_training_
                        harm=None, victim=None)
 
     examples = [ex("x" * n, "en") for n in range(100, 200)] + [ex("字" * n, "zh") for n in range(5, 105)]
-    rows = np.ones(len(examples), dtype=bool)
-    assert post_min_chars(examples, rows) == {"en": 104, "zh": 0}
+    en = np.array([e.lang == "en" for e in examples])
+    assert post_min_chars(examples, {"en": en, "zh": ~en}) == {"en": 104, "zh": 0}
+    # only the texts the thresholds are chosen on count: here the shortest English half
+    assert post_min_chars(examples, {"en": en & (np.arange(len(examples)) < 50), "zh": ~en})["en"] == 102

@@ -638,8 +638,12 @@ def test_wishing_someone_else_dead_is_harm_not_ideation() -> None:
     ("I gave my cat to my neighbour because I won't be around", RiskTier.IMMINENT),
     ("I've been thinking about ending things", RiskTier.MODERATE),
     ("I don't see the point of going on anymore", RiskTier.LOW),
+    # en 1.14.0
+    ("I honestly think they'd be better off if I just wasn't around anymore.", RiskTier.LOW),
+    ("everyone would be happier if I were dead and gone", RiskTier.LOW),
+    ("Every night I think about how easy it would be to just not wake up", RiskTier.LOW),
 ])
-def test_method_seeking_and_veiled_statements_1_13_0(text: str, expected: RiskTier) -> None:
+def test_method_seeking_and_veiled_statements_1_13_0_and_1_14_0(text: str, expected: RiskTier) -> None:
     assert safety_net_scan(text, "en").tier == expected
 
 
@@ -649,6 +653,8 @@ def test_method_seeking_and_veiled_statements_1_13_0(text: str, expected: RiskTi
     "I gave my old guitar to my brother, I won't need it at college",
     "I gave my dog to my sister since I won't be around next week",
     "I would never look up the best way to kill myself",
+    "it's better if I wasn't here for the meeting", "my friend thinks they'd be better off if he wasn't around",
+    "I try to not wake up early on weekends",
 ])
 def test_look_alikes_of_method_seeking_1_13_0_are_not_risk(text: str) -> None:
     assert safety_net_scan(text, "en").tier is None
