@@ -642,8 +642,11 @@ def test_wishing_someone_else_dead_is_harm_not_ideation() -> None:
     ("I honestly think they'd be better off if I just wasn't around anymore.", RiskTier.LOW),
     ("everyone would be happier if I were dead and gone", RiskTier.LOW),
     ("Every night I think about how easy it would be to just not wake up", RiskTier.LOW),
+    # en 1.15.0
+    ("I feel like a burden to everyone", RiskTier.LOW), ("I have nothing left to live for", RiskTier.LOW),
+    ("I just want it all to stop forever", RiskTier.MODERATE),
 ])
-def test_method_seeking_and_veiled_statements_1_13_0_and_1_14_0(text: str, expected: RiskTier) -> None:
+def test_method_seeking_and_veiled_statements_en_1_13_to_1_15(text: str, expected: RiskTier) -> None:
     assert safety_net_scan(text, "en").tier == expected
 
 
@@ -654,7 +657,8 @@ def test_method_seeking_and_veiled_statements_1_13_0_and_1_14_0(text: str, expec
     "I gave my dog to my sister since I won't be around next week",
     "I would never look up the best way to kill myself",
     "it's better if I wasn't here for the meeting", "my friend thinks they'd be better off if he wasn't around",
-    "I try to not wake up early on weekends",
+    "I try to not wake up early on weekends", "my mom has nothing to live for since dad died",
+    "I don't feel like a burden anymore",
 ])
 def test_look_alikes_of_method_seeking_1_13_0_are_not_risk(text: str) -> None:
     assert safety_net_scan(text, "en").tier is None
