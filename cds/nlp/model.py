@@ -174,10 +174,11 @@ CAP_MAX_CHARS = 40  # the cap below applies to short single-statement messages o
 def post_length_cap(model_tier: RiskTier, longest: int, thresholds: Mapping[str, float],
                     sn: SafetyNetResult | None = None) -> RiskTier:
     """The model alone gives at most LOW where every message is shorter than ``post_min_chars`` of the
-    language (the manifest's, from training: set where that language learned from posts, not chat
-    turns) and the text names no means. English trained on Reddit posts and post histories only, 95% of
-    them 89 characters or more: on chat turns its higher heads fire on "I'm going to the gym after
-    dinner" as readily as on risk, and in conversations of ordinary chat 85% of messages raised an alert.
+    language (the manifest's, from training: set where that language's thresholds were chosen on posts,
+    not chat turns) and the text names no means. English learned from Reddit posts only and its
+    thresholds were chosen on whole post histories, 95% of them 385 characters or more: on chat its
+    higher heads fire on "I'm going to the gym after dinner" as readily as on risk, and in conversations
+    of ordinary chat 88% of messages raised an alert.
     A LOW text sets a floor and raises no alert; the safety net still raises one on what it counts.
     A means word the lexicon saw, counted or waiting for an anchor ("I keep thinking about the pills" ...
     "I bought them today", "I have a rope ready and tonight is the night"), lifts the cap: there the

@@ -49,6 +49,7 @@ class Pattern:
     flag: str | None
     context: bool
     discount: frozenset[str]
+    anchor_tier: RiskTier | None = None  # context: true only: counts only near an anchor of at least this tier
 
 
 @dataclass(frozen=True)
@@ -286,8 +287,17 @@ def parse_lexicon(data: Mapping[str, Any], where: str = "lexicon") -> Lexicon:
         if not discount <= set(DISCOUNTS):
             raise RulesError(f"{pw} ({pid}): unknown discount in {sorted(discount)}")
         regex = _expand(p["regex"], fragments, f"{pw} ({pid})")
+        context = bool(p.get("context", False))
+        anchor_tier = None
+        if p.get("anchor_tier") is not None:
+            if not context:
+                raise RulesError(f"{pw} ({pid}): anchor_tier goes with context: true")
+            try:
+                anchor_tier = RiskTier.from_label(str(p["anchor_tier"]))
+            except (KeyError, ValueError) as exc:
+                raise RulesError(f"{pw} ({pid}): unknown anchor_tier {p['anchor_tier']!r}") from exc
         patterns.append(Pattern(id=pid, kind=kind, regex=_compile(regex, f"{pw} ({pid})", line_local=True), tier=tier,
-                                flag=flag, context=bool(p.get("context", False)), discount=discount))
+                                flag=flag, context=context, discount=discount, anchor_tier=anchor_tier))
     for key in ("negation_breaks", "clause_breaks"):
         if isinstance(data[key], str) and re.fullmatch(data[key], "\n") is None:
             raise RulesError(f"{where}: {key} must include the line break (\\n): a scope never crosses a line")
@@ -476,14 +486,19 @@ def _status(lex: Lexicon, doc: _Doc, pat: Pattern, start: int, end: int,
 
 
 def _apply_context(hits: list[Hit], lexs: Mapping[str, Lexicon]) -> list[Hit]:
-    """A counted ``context: true`` hit stays counted only near a counted anchor of either lexicon."""
+    """A counted ``context: true`` hit stays counted only near a counted anchor of either lexicon (of at
+    least the pattern's ``anchor_tier`` where it names one: a time word counts beside intent, not beside a
+    passive wish, so 活着没意思 ... 今天考试压力好大 is not a timed plan)."""
     by_ref = {lx.ref: lx for lx in lexs.values()}
-    context_ids = {p.id for lx in lexs.values() for p in lx.patterns if p.context}
-    anchors = sorted(h.start for h in hits if h.counted and h.kind in ANCHOR_KINDS and h.pattern_id not in context_ids)
+    context = {p.id: p for lx in lexs.values() for p in lx.patterns if p.context}
+    anchor_hits = sorted((h.start, int(h.tier or 0)) for h in hits
+                         if h.counted and h.kind in ANCHOR_KINDS and h.pattern_id not in context)
+    starts = {t: [s0 for s0, at in anchor_hits if at >= t] for t in {int(p.anchor_tier or 0) for p in context.values()}}
     out: list[Hit] = []
     for h in hits:
-        if h.counted and h.pattern_id in context_ids:
+        if h.counted and h.pattern_id in context:
             window = by_ref[h.lexicon].context_window
+            anchors = starts[int(context[h.pattern_id].anchor_tier or 0)]
             i = bisect.bisect_left(anchors, h.start - window)
             if i >= len(anchors) or anchors[i] > h.end + window:
                 h = Hit(h.start, h.end, h.kind, h.pattern_id, "no_context", h.lexicon, h.tier, h.flag)

@@ -448,7 +448,7 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
         "thresholds": thresholds,
         "threshold_rule": "tier = highest k with P(tier >= k) >= thresholds[lang][head_k], none while "
                           f"P(tier >= low) < {ANY_RISK_GATE}, at most low where every message is shorter than "
-                          "thresholds[lang][post_min_chars]; final tier = max(model tier, safety-net tier); "
+                          "thresholds[lang][post_min_chars] and the safety net saw no means word; final tier = max(model tier, safety-net tier); "
                           f"flag = P(flag) >= threshold or safety net ({FLAG_OFF}: the net alone)",
         "training": {"seed": seed, "C": c, "folds": FOLDS, "sample": sample, "data_dir_name": Path(data_dir).name,
                      "split": "psysuicide 80/20 stratified by tier+harm (seeded); SOS-4K train / val files; "

@@ -120,3 +120,20 @@ def test_the_shipped_lexicons_use_only_known_fragments() -> None:
         for p in doc["patterns"]:
             for used in re.findall(r"\{\{(\w+)\}\}", p["regex"]):
                 assert used in names, (lang, p["id"], used)
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ({"anchor_tier": "moderate"}, "anchor_tier goes with context: true"),
+    ({"anchor_tier": "severe", "context": True}, "unknown anchor_tier"),
+])
+def test_a_bad_anchor_tier_is_refused(pattern: dict, message: str) -> None:
+    doc = _doc("en")
+    doc["patterns"][0] = {**doc["patterns"][0], **pattern}
+    with pytest.raises(RulesError, match=message):
+        parse_lexicon(doc)
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_time_words_ask_for_an_anchor_of_at_least_moderate(lang: str) -> None:
+    timing = [p for p in lexicons()[lang].patterns if p.kind == "timing"]
+    assert timing and all(p.context and p.anchor_tier is not None and p.anchor_tier >= 2 for p in timing)

@@ -672,3 +672,16 @@ def test_life_has_no_meaning_with_a_filler_word_is_passive_ideation_1_15_0(text:
 @pytest.mark.parametrize("text", ["这部电影没什么意思", "不要觉得活着没什么意思"])
 def test_no_meaning_about_a_film_or_negated_is_not_ideation(text: str) -> None:
     assert safety_net_scan(text, "zh").tier is None
+
+
+@pytest.mark.parametrize("conversation", [  # zh / en 1.16.0: a time word times an intent, not a passive wish
+    ["有时候觉得活着没什么意思", "今天考试压力好大，不过还好"], ["活着没意思", "明天还要上班"],
+    ["I wish I could disappear", "work was long today, I'm tired but ok"], ["I'm tired of living", "see you tomorrow!"],
+])
+def test_a_time_word_beside_a_passive_wish_is_not_timing(conversation: list[str]) -> None:
+    assert conversation_scan(conversation).tier == RiskTier.LOW
+
+
+@pytest.mark.parametrize("conversation", [["我想死", "今晚就去"], ["I want to die", "tonight"]])
+def test_a_time_word_beside_intent_still_is(conversation: list[str]) -> None:
+    assert conversation_scan(conversation).tier == RiskTier.HIGH
