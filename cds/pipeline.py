@@ -39,7 +39,8 @@ HISTORY_TTL = timedelta(hours=24)
 HISTORY_RETRY = timedelta(minutes=10)
 Clock = Callable[[], datetime]
 _T = TypeVar("_T")
-HistorySource = Callable[[str], Any]  # patient ref -> integrations.fhir.history.PatientHistory | None
+# patient refs -> {ref: integrations.fhir.history.PatientHistory | None} (None: the EHR could not answer)
+HistorySource = Callable[[Sequence[str]], Mapping[str, Any]]
 
 
 def utcnow() -> datetime:
@@ -91,6 +92,10 @@ def load_text_model(settings: Settings) -> Any | None:
             raise
         log.error("text model unavailable: chat is screened by the safety net only (indeterminate)")
         return None
+
+
+def _history_due(checked_at: datetime | None, now: datetime) -> bool:
+    return checked_at is None or now - checked_at > HISTORY_TTL
 
 
 @dataclass(frozen=True)
@@ -422,14 +427,28 @@ class Pipeline:
         with self.pool.connection() as conn, _transaction(conn, pipelined=not guarded):
             audits: list[dict[str, Any]] = []
             claimed = event_store.claim_pending(conn, self.cipher, size)
+            histories = self._prefetch_histories(conn, claimed)
             ids = assessment_store.AssessmentIds(conn, len(claimed) * self._assessments_per_event,
                                                  ahead=bool(claimed))
             # Patient row locks are taken in patient order, so concurrent workers never deadlock.
             for stored in sorted(claimed, key=lambda s: (s.event.patient_ref, s.id)):
-                results.append(self._process_guarded(conn, stored, audits, ids) if guarded
-                               else self._process(conn, stored, audits, ids))
+                results.append(self._process_guarded(conn, stored, audits, ids, histories) if guarded
+                               else self._process(conn, stored, audits, ids, histories))
             _append_audits(conn, audits)
         return results
+
+    def _prefetch_histories(self, conn: psycopg.Connection[Any], claimed: Sequence[event_store.StoredEvent]
+                            ) -> Mapping[str, Any]:
+        """The EHR history of every patient in the batch whose history is due, asked in one search per
+        50 patients instead of two requests per patient while the batch's locks are held."""
+        if self.history_source is None or not claimed:
+            return {}
+        refs = sorted({s.event.patient_ref for s in claimed})
+        now = self.clock()
+        checked = dict(conn.execute("SELECT patient_ref, history_checked_at FROM patients"
+                                    " WHERE patient_ref = ANY(%s)", (refs,)).fetchall())
+        due = [ref for ref in refs if _history_due(checked.get(ref), now)]
+        return self.history_source(due) if due else {}
 
     @property
     def _assessments_per_event(self) -> int:
@@ -437,11 +456,12 @@ class Pipeline:
         return 1 + len(self.engines.shadow_rulesets)
 
     def _process_guarded(self, conn: psycopg.Connection[Any], stored: event_store.StoredEvent,
-                         audits: list[dict[str, Any]], ids: assessment_store.AssessmentIds) -> Processed:
+                         audits: list[dict[str, Any]], ids: assessment_store.AssessmentIds,
+                         histories: Mapping[str, Any] | None = None) -> Processed:
         mark = len(audits)
         try:
             with conn.transaction():
-                return self._process(conn, stored, audits, ids)
+                return self._process(conn, stored, audits, ids, histories)
         except EVENT_ERRORS as exc:
             if is_storage_error(exc):  # not this event's fault: the whole batch waits, nothing counts as tried
                 raise
@@ -458,12 +478,13 @@ class Pipeline:
             return Processed(stored.id, "failed" if status == "failed" else "retry")
 
     def _history(self, conn: psycopg.Connection[Any], state: assessment_store.PatientState, now: datetime,
-                 recent: Callable[[], list[Signal]]) -> History:
+                 recent: Callable[[], list[Signal]], histories: Mapping[str, Any] | None) -> History:
         """Previous tier and recent signals from the store; diagnoses, prior attempt and age from the
-        EHR, asked at most once a day per patient. If the EHR cannot answer, they stay unknown."""
-        if self.history_source is not None and (
-                state.history_checked_at is None or now - state.history_checked_at > HISTORY_TTL):
-            fetched = self.history_source(state.patient_ref)
+        EHR, asked at most once a day per patient (``histories``: what the batch already asked). If the
+        EHR cannot answer, they stay unknown."""
+        if self.history_source is not None and _history_due(state.history_checked_at, now):
+            ref = state.patient_ref
+            fetched = histories[ref] if histories and ref in histories else self.history_source([ref]).get(ref)
             if fetched is None:  # the EHR could not answer: history stays unknown; ask again in 10 minutes
                 assessment_store.history_unavailable(conn, state.patient_ref, now - HISTORY_TTL + HISTORY_RETRY)
             else:
@@ -495,7 +516,8 @@ class Pipeline:
                 conn, event.patient_ref, now - timedelta(days=LOOKBACK_DAYS), self.engines.lookback_signals))
 
     def _process(self, conn: psycopg.Connection[Any], stored: event_store.StoredEvent,
-                 audits: list[dict[str, Any]], ids: assessment_store.AssessmentIds) -> Processed:
+                 audits: list[dict[str, Any]], ids: assessment_store.AssessmentIds,
+                 histories: Mapping[str, Any] | None = None) -> Processed:
         from cds.alerts import get_alert
 
         event = stored.event
@@ -516,7 +538,7 @@ class Pipeline:
 
             context = [communication_text(m.event.resource) for m in reads.conversation()
                        if is_patient_authored(m.event.resource, event.patient_ref)]
-        history = self._history(conn, state, now, reads.recent_signals)
+        history = self._history(conn, state, now, reads.recent_signals, histories)
         assessed = assess(event, history, self.engines, now=now, context=context)
         if assessed is None:
             event_store.mark_event(conn, stored.id, "done")

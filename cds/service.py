@@ -43,10 +43,10 @@ class Service:
         cipher = FieldCipher(kek, old_keks=old_keks)
         engines = engines or Engines.load(settings)
         fhir = FhirClient(settings.fhir_base_url, auth=_token_source(settings), timeout_s=10)
-        from integrations.fhir.history import fetch_history
+        from integrations.fhir.history import fetch_histories
 
         pipeline = Pipeline(pool, cipher, engines, settings, clock=clock,
-                            history_source=lambda ref: fetch_history(fhir, ref))
+                            history_source=lambda refs: fetch_histories(fhir, refs))
         return cls(settings, url, pool, cipher, engines, pipeline, fhir)
 
     def close(self) -> None:

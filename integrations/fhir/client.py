@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json"
 
 
+class TruncatedSearch(EhrError):
+    """A search had more pages than the caller would follow: its answer is incomplete."""
+
+
 class TokenSource(Protocol):
     def token(self, *, force_refresh: bool = False) -> str: ...
 
@@ -110,10 +114,11 @@ class FhirClient:
         return dict(self.request("GET", f"{resource_type}?{urlencode(params)}").json())
 
     def search_all(self, resource_type: str, params: Mapping[str, Any],
-                   max_pages: int = 1000) -> Iterator[dict[str, Any]]:
-        """Every matching resource, following ``next`` links where the server gives them."""
+                   max_pages: int = 1000, *, strict: bool = False) -> Iterator[dict[str, Any]]:
+        """Every matching resource, following ``next`` links where the server gives them. After
+        ``max_pages`` it stops, and with ``strict`` raises TruncatedSearch instead of ending quietly."""
         bundle = self.search(resource_type, params)
-        for _ in range(max_pages):
+        for page in range(max_pages):
             for entry in bundle.get("entry", []):
                 if "resource" in entry:
                     yield entry["resource"]
@@ -121,4 +126,6 @@ class FhirClient:
                             None)
             if not next_url:
                 return
+            if strict and page == max_pages - 1:
+                raise TruncatedSearch(f"{resource_type} search has more than {max_pages} pages")
             bundle = self.request("GET", next_url).json()

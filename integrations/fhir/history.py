@@ -1,13 +1,13 @@
 """A patient's history from the EHR, for the rules: diagnoses, a recorded prior suicide attempt, age.
 
-# /Condition?subject=Patient/123&_count=200   and   /Patient/123
+# /Condition?subject=Patient/1,Patient/2&_count=1000   and   /Patient?_id=1,2
 A prior attempt is a Condition coded as a suicide attempt or a personal history of self-harm.
 When the EHR cannot be asked, the answer is "unknown" (None), never "no".
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -42,26 +42,64 @@ def is_attempt(system: str, code: str) -> bool:
     return system == SNOMED and code in _ATTEMPT_SNOMED
 
 
+# How many patients one search names (the URL stays a few kilobytes) and the pages it may follow.
+BATCH = 50
+_MAX_PAGES = 50
+
+
+def fetch_histories(client: FhirClient, patient_refs: Sequence[str]) -> dict[str, PatientHistory | None]:
+    """Ask the EHR about several patients at once: one Condition search and one Patient search per
+    ``BATCH`` patients (``subject=Patient/1,Patient/2``: a comma is FHIR's "or"), not two requests each.
+
+    Every ref asked gets an answer: its history, or None when the EHR could not answer (unreachable,
+    a refusal, more pages than ``_MAX_PAGES``, or no such patient), which the rules treat as unknown."""
+    refs = list(dict.fromkeys(patient_refs))
+    out: dict[str, PatientHistory | None] = {}
+    for i in range(0, len(refs), BATCH):
+        out.update(_fetch_chunk(client, refs[i:i + BATCH]))
+    return out
+
+
 def fetch_history(client: FhirClient, patient_ref: str) -> PatientHistory | None:
-    """Ask the EHR; None when it cannot answer (the rules then treat history as unknown)."""
+    """One patient's history; None when the EHR cannot answer."""
+    return fetch_histories(client, [patient_ref])[patient_ref]
+
+
+def _fetch_chunk(client: FhirClient, refs: list[str]) -> dict[str, PatientHistory | None]:
+    unknown: dict[str, PatientHistory | None] = dict.fromkeys(refs)
+    ids = {ref: ref.split("/", 1)[1] for ref in refs if ref.startswith("Patient/") and "," not in ref}
+    if not ids:
+        return unknown
     try:
-        conditions = list(client.search_all("Condition", {"subject": patient_ref, "_count": 200}, max_pages=5))
-        patient = client.read(*patient_ref.split("/", 1))
-    except CdsError:
-        return None
-    codes: list[str] = []
-    attempt = False
+        conditions = list(client.search_all("Condition", {"subject": ",".join(ids), "_count": 1000},
+                                            max_pages=_MAX_PAGES, strict=True))
+        patients = list(client.search_all("Patient", {"_id": ",".join(ids.values()), "_count": len(ids)},
+                                          max_pages=2, strict=True))
+    except CdsError:  # TruncatedSearch included
+        return unknown
+    codes: dict[str, list[str]] = {ref: [] for ref in ids}
+    attempt = dict.fromkeys(ids, False)
     for cond in conditions:
+        ref = ((cond.get("subject") or {}).get("reference") or "").split("/_history")[0]
+        if ref not in codes:
+            continue
         status = ((cond.get("verificationStatus") or {}).get("coding") or [{}])[0].get("code")
         if status in ("refuted", "entered-in-error"):
             continue
         for system, code in _codes(cond):
-            codes.append(code)
-            attempt = attempt or is_attempt(system, code)
-    born = None
+            codes[ref].append(code)
+            attempt[ref] = attempt[ref] or is_attempt(system, code)
+    for pat in patients:
+        ref = f"Patient/{pat.get('id')}"
+        if ref in ids:
+            unknown[ref] = PatientHistory(tuple(dict.fromkeys(codes[ref])), attempt[ref], _birth_date(pat))
+    return unknown
+
+
+def _birth_date(patient: dict[str, Any]) -> date | None:
     if isinstance(patient.get("birthDate"), str) and len(patient["birthDate"]) == 10:
         try:
-            born = date.fromisoformat(patient["birthDate"])
+            return date.fromisoformat(patient["birthDate"])
         except ValueError:
-            born = None
-    return PatientHistory(tuple(dict.fromkeys(codes)), attempt, born)
+            return None
+    return None

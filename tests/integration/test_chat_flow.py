@@ -91,6 +91,74 @@ def test_a_recorded_prior_attempt_in_the_ehr_reaches_the_rules(ehr: Any, service
     assert any(f["id"] == "prior-attempt-with-ideation" for f in fired)
 
 
+def test_a_batch_asks_the_ehr_about_its_new_patients_in_two_searches(ehr: Any, service: Any) -> None:
+    """Diagnoses, prior attempt and age of every patient new to a batch: one Condition and one Patient
+    search for all of them (was two requests per patient, in series, while the batch held its locks)."""
+    refs = []
+    for i, born in enumerate(["1990-04-01", "2011-02-03", "1975-12-30"]):
+        pat = ehr.create({**patient(mrn=f"MRN-C-H{i}"), "birthDate": born})
+        refs.append(f"Patient/{pat['id']}")
+    ehr.create({"resourceType": "Condition", "subject": {"reference": refs[0]},
+                "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "T14.91"}]}})
+    ehr.create({"resourceType": "Condition", "subject": {"reference": refs[1]},
+                "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "F32.1"}]}})
+    ehr.create({"resourceType": "Condition", "subject": {"reference": refs[1]},  # refuted: not counted
+                "verificationStatus": {"coding": [{"code": "refuted"}]},
+                "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "Z91.5"}]}})
+    for ref in refs:
+        ehr.create(chat(ref, "I keep thinking about killing myself"))
+    since = ehr.http.get(f"{ehr.root}/admin/requests").json()["last"]
+    ingest_cycle(service)
+    asked = [r["path"].rstrip("/").rsplit("/", 1)[-1] for r in
+             ehr.http.get(f"{ehr.root}/admin/requests", params={"since": since}).json()["requests"]
+             if r["method"] == "GET" and ("/Condition" in r["path"] or "/Patient" in r["path"])]
+    assert sorted(asked) == ["Condition", "Patient"], asked
+    with service.pool.connection() as conn:
+        rows = {r[0]: r[1:] for r in conn.execute(
+            "SELECT patient_ref, prior_attempt, conditions, birth_date::text FROM patients"
+            " WHERE patient_ref = ANY(%s)", (refs,))}
+    assert rows[refs[0]] == (True, ["T14.91"], "1990-04-01")
+    assert rows[refs[1]] == (False, ["F32.1"], "2011-02-03")
+    assert rows[refs[2]] == (False, [], "1975-12-30")
+
+
+def test_when_the_ehr_cannot_answer_history_stays_unknown_and_is_asked_again_later(ehr: Any,
+                                                                                   service: Any) -> None:
+    """One failed search for the whole batch, not one per patient; no patient is recorded as having no
+    prior attempt; the next try is due in 10 minutes (history_checked_at 23 h 50 min back)."""
+    from cds.jobs import process_pending_events
+    from integrations.fhir.poller import poll_all
+
+    refs = [f"Patient/{ehr.create(patient(mrn=f'MRN-C-U{i}'))['id']}" for i in range(3)]
+    for ref in refs:
+        ehr.create(chat(ref, "I keep thinking about killing myself"))
+    poll_all(service.pool, service.fhir, service.pipeline, page_size=100, overlap_s=0)
+    since = ehr.http.get(f"{ehr.root}/admin/requests").json()["last"]
+    ehr.fault(mode="error", status=503, methods=["GET"])
+    try:
+        assert process_pending_events(service) == 3
+    finally:
+        ehr.clear_fault()
+    asked = [r["path"] for r in ehr.http.get(f"{ehr.root}/admin/requests", params={"since": since}).json()["requests"]
+             if r["method"] == "GET"]
+    assert len(asked) == 1 and asked[0].endswith("/Condition"), asked
+    with service.pool.connection() as conn:
+        rows = conn.execute("SELECT prior_attempt, extract(epoch FROM now() - history_checked_at) / 3600"
+                            " FROM patients WHERE patient_ref = ANY(%s)", (refs,)).fetchall()
+        assessed = conn.execute("SELECT count(*) FROM assessments WHERE patient_ref = ANY(%s)", (refs,)).fetchone()
+    assert len(rows) == 3 and all(prior is None and 23.7 < hours < 23.9 for prior, hours in rows), rows
+    assert assessed[0] == 3  # assessed all the same: unknown history does not hold back the text
+
+
+def test_a_patient_the_ehr_does_not_know_has_unknown_history_not_none(ehr: Any, service: Any) -> None:
+    from integrations.fhir.history import fetch_histories
+
+    pat = ehr.create(patient(mrn="MRN-C-H9"))
+    got = fetch_histories(service.fhir, [f"Patient/{pat['id']}", "Patient/no-such-patient"])
+    assert got["Patient/no-such-patient"] is None
+    assert got[f"Patient/{pat['id']}"] is not None and got[f"Patient/{pat['id']}"].prior_attempt is False
+
+
 def test_history_reads_back_only_the_signals_rules_count(ehr: Any, service: Any) -> None:
     from datetime import UTC, datetime, timedelta
 
