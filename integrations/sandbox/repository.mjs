@@ -211,7 +211,7 @@ export class SandboxRepository extends MemoryRepository {
   #order = new Map(); // type -> Map(id -> insertion sequence): the resources Map's iteration order
   #identifiers = new Map(); // type -> Map(lower-cased identifier value -> Set(id))
   #logs = new Map(); // type -> { entries: [{ lu, id, resource }], ordered, stale }
-  stats = { indexedIdentifier: 0, indexedLastUpdated: 0, linear: 0, rollbacks: 0, compactions: 0 };
+  stats = { indexedId: 0, indexedIdentifier: 0, indexedLastUpdated: 0, linear: 0, rollbacks: 0, compactions: 0 };
 
   clear() {
     super.clear();
@@ -460,6 +460,15 @@ export class SandboxRepository extends MemoryRepository {
     const byId = this.resources.get(resourceType);
     if (!byId) return undefined;
     const verify = (candidates) => candidates.filter((r) => matchesSearchRequest(r, searchRequest));
+
+    // `_id=a,b,c`: the ids are the candidates (a database's primary key), e.g. psych-cds asking for the
+    // birth dates of a batch's patients in one search.
+    const idFilter = filters.find((f) => f.code === '_id' && f.operator === Operator.EQUALS);
+    if (idFilter) {
+      this.stats.indexedId++;
+      const ids = new Set(splitSearchOnComma(idFilter.value));
+      return verify([...ids].map((id) => byId.get(id)).filter((r) => r !== undefined));
+    }
 
     const identifierFilter = filters.find((f) => f.code === 'identifier' && f.operator === Operator.EQUALS);
     if (identifierFilter) {

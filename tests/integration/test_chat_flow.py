@@ -108,7 +108,10 @@ def test_a_batch_asks_the_ehr_about_its_new_patients_in_two_searches(ehr: Any, s
     for ref in refs:
         ehr.create(chat(ref, "I keep thinking about killing myself"))
     since = ehr.http.get(f"{ehr.root}/admin/requests").json()["last"]
+    by_id = ehr.http.get(f"{ehr.root}/admin/subscriptions").json()["search"]["indexedId"]
     ingest_cycle(service)
+    # the sandbox answers `_id=a,b,c` from its ids (a real server's primary key), not a scan of every Patient
+    assert ehr.http.get(f"{ehr.root}/admin/subscriptions").json()["search"]["indexedId"] == by_id + 1
     asked = [r["path"].rstrip("/").rsplit("/", 1)[-1] for r in
              ehr.http.get(f"{ehr.root}/admin/requests", params={"since": since}).json()["requests"]
              if r["method"] == "GET" and ("/Condition" in r["path"] or "/Patient" in r["path"])]

@@ -87,6 +87,7 @@ function queries(repo, random) {
   const pick = (list) => list[Math.floor(random() * list.length)];
   const stamp = stamps.length ? pick(stamps) : '2026-11-20T03:00:00.000Z';
   const n = Math.floor(random() * 30);
+  const ids = [...(repo.resources.get('Communication')?.keys() ?? []), 'no-such-id'];
   return [
     `Communication?identifier=${MSG}|M-${n}`,
     `Communication?identifier=${MSG.toUpperCase()}|m-${n}`,
@@ -107,6 +108,9 @@ function queries(repo, random) {
     `Communication?_lastUpdated=ge2000-01-01&_sort=_lastUpdated`,
     `Communication?_sort=_lastUpdated&subject=Patient/p-${n % 5}`,
     `Patient?identifier=${MRN}|MRN-${n % 8}`,
+    `Communication?_id=${pick(ids)},${pick(ids)},no-such-id`,
+    `Communication?_id=${pick(ids)}&status=completed&_count=1`,
+    `Communication?_id=${pick(ids)},${pick(ids)}&_sort=-_lastUpdated`,
   ];
 }
 
