@@ -60,11 +60,6 @@ def fetch_histories(client: FhirClient, patient_refs: Sequence[str]) -> dict[str
     return out
 
 
-def fetch_history(client: FhirClient, patient_ref: str) -> PatientHistory | None:
-    """One patient's history; None when the EHR cannot answer."""
-    return fetch_histories(client, [patient_ref])[patient_ref]
-
-
 def _fetch_chunk(client: FhirClient, refs: list[str]) -> dict[str, PatientHistory | None]:
     unknown: dict[str, PatientHistory | None] = dict.fromkeys(refs)
     ids = {ref: ref.split("/", 1)[1] for ref in refs if ref.startswith("Patient/") and "," not in ref}
