@@ -394,14 +394,22 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "audit": bench_audit,
     "screen_api": bench_screen_api,
     "screen_api_single_client": lambda: bench_screen_api(clients=1, per_client=300),
-    # a steady stream at the target rate, pushed by a Subscription (the deployment the target names)
+    # a steady stream pushed by a Subscription (the deployment the target names), offered 10% above the
+    # 200 messages/s target: messages_per_s can never exceed what is offered (200 offered measures 199.4
+    # when it keeps up), so "sustains 200" needs more offered than 200
     "ingest_to_alert": lambda: bench_ingest(
         int(os.environ.get("BENCH_PATIENTS", "2000")),
-        int(float(os.environ.get("BENCH_RATE", "200")) * float(os.environ.get("BENCH_DURATION_S", "120"))),
-        workers=int(os.environ.get("BENCH_WORKERS", "2")), rate=float(os.environ.get("BENCH_RATE", "200")),
+        int(float(os.environ.get("BENCH_RATE", "220")) * float(os.environ.get("BENCH_DURATION_S", "120"))),
+        workers=int(os.environ.get("BENCH_WORKERS", "2")), rate=float(os.environ.get("BENCH_RATE", "220")),
         mode="subscription"),
-    # a steady rate below what these 2 cores carry (~100 messages/s measured), where latency is not
-    # queueing; BENCH_STEADY_RATE to change it (the committed results use 80)
+    # the same stream for a whole synthetic hospital day (100,000 messages, ~7.5 min at 220/s): what the
+    # 2-minute figure cannot show, the cost per message as the database and the EHR fill up
+    "ingest_day": lambda: bench_ingest(
+        int(os.environ.get("BENCH_PATIENTS", "2000")), int(os.environ.get("BENCH_DAY_MESSAGES", "100000")),
+        workers=int(os.environ.get("BENCH_WORKERS", "2")), rate=float(os.environ.get("BENCH_RATE", "220")),
+        mode="subscription"),
+    # a steady rate well below what these 2 cores carry (the AMD EPYC VM of 2026-12-01/02 carried ~100
+    # messages/s), where latency is not queueing; BENCH_STEADY_RATE to change it (the committed results use 80)
     "ingest_steady": lambda: bench_ingest(
         int(os.environ.get("BENCH_PATIENTS", "2000")),
         int(float(os.environ.get("BENCH_STEADY_RATE", "80")) * float(os.environ.get("BENCH_DURATION_S", "120"))),
@@ -409,8 +417,8 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
         mode="subscription"),
     "ingest_polled": lambda: bench_ingest(
         int(os.environ.get("BENCH_PATIENTS", "2000")),
-        int(float(os.environ.get("BENCH_RATE", "200")) * float(os.environ.get("BENCH_DURATION_S", "120"))),
-        workers=int(os.environ.get("BENCH_WORKERS", "2")), rate=float(os.environ.get("BENCH_RATE", "200")),
+        int(float(os.environ.get("BENCH_RATE", "220")) * float(os.environ.get("BENCH_DURATION_S", "120"))),
+        workers=int(os.environ.get("BENCH_WORKERS", "2")), rate=float(os.environ.get("BENCH_RATE", "220")),
         mode="polled"),
     "ingest_backlog": lambda: bench_ingest(300, int(os.environ.get("BENCH_BACKLOG_MESSAGES", "6000"))),
     "scale": bench_scale,

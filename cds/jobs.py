@@ -16,6 +16,7 @@ import psycopg
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from cds.service import Service
+from compliance.ehr_export import EXPORT_INTERVAL_S
 from integrations.fhir.poller import poll_all
 from integrations.fhir.writeback import drain_outbox
 
@@ -174,7 +175,7 @@ def build_scheduler(service: Service) -> BackgroundScheduler:
                       max_instances=3)
     scheduler.add_job(_safely(escalate_overdue, service), "interval", seconds=15, id="escalate_overdue")
     scheduler.add_job(_safely(sign_audit_checkpoint, service), "interval", minutes=5, id="audit_checkpoint")
-    scheduler.add_job(_safely(export_audit_to_ehr, service), "interval", minutes=1, id="audit_export")
+    scheduler.add_job(_safely(export_audit_to_ehr, service), "interval", seconds=EXPORT_INTERVAL_S, id="audit_export")
     scheduler.add_job(_safely(watch_feeds, service), "interval", minutes=1, id="feed_watchdog")
     scheduler.add_job(_safely(apply_retention, service), "interval", hours=6, id="retention")
     return scheduler
