@@ -316,7 +316,16 @@ def bench_rules(n: int = 20000) -> dict[str, Any]:
     t0 = time.perf_counter()
     for i in range(n):
         ruleset.evaluate(mixes[i % len(mixes)], history, now)
-    return {"assessments_per_s": round(n / (time.perf_counter() - t0), 1), "rules": len(ruleset.rules), "n": n}
+    rate = round(n / (time.perf_counter() - t0), 1)
+    # a chatty patient: 200 earlier chat messages in the look-back window, each one text.tier signal
+    tiers = [RiskTier.NONE, RiskTier.LOW, RiskTier.MODERATE]
+    chatty = History(previous_tier=RiskTier.LOW, prior_attempt=False, recent_signals=tuple(
+        Signal("text.tier", tiers[i % 3].label, "bench", tiers[i % 3], observed_at=now) for i in range(200)))
+    t0 = time.perf_counter()
+    for i in range(n // 4):
+        ruleset.evaluate(mixes[i % len(mixes)], chatty, now)
+    return {"assessments_per_s": rate, "rules": len(ruleset.rules), "n": n,
+            "assessments_per_s_200_recent_signals": round((n // 4) / (time.perf_counter() - t0), 1)}
 
 
 def bench_audit() -> dict[str, Any]:

@@ -139,12 +139,18 @@ def _combine_any(verdicts: list[Verdict], absent_line: str) -> Verdict:
     return Verdict(False, [line for v in verdicts for line in v.lines])
 
 
-def _in_window(sig: Signal, ctx: Context, days: float, current: bool) -> bool:
+def _window(ctx: Context, days: float) -> tuple[datetime, datetime, datetime]:
+    """(earliest, latest for a current signal, latest for a recent one) of a ``within_days`` window."""
+    now = aware(ctx.now)
+    return now - timedelta(days=days), now + timedelta(minutes=5), now
+
+
+def _in_window(sig: Signal, ctx: Context, days: float, current: bool,
+               bounds: tuple[datetime, datetime, datetime] | None = None) -> bool:
     if sig.observed_at is None:
         return True  # current signals are "now"; recent ones are already in the window by contract
-    when = aware(sig.observed_at)
-    now = aware(ctx.now)
-    return now - timedelta(days=days) <= when <= now + timedelta(minutes=5 if current else 0)
+    lo, hi_current, hi_recent = bounds or _window(ctx, days)
+    return lo <= aware(sig.observed_at) <= (hi_current if current else hi_recent)
 
 
 def evaluate(logic: Mapping[str, Any], ctx: Context) -> Verdict:
@@ -199,17 +205,26 @@ def _test_count(test: Mapping[str, Any], ctx: Context) -> Verdict:
     inner = test["count"]
     days = float(test["within_days"])
     scope = test.get("scope", "all")
+    wanted = inner["signal"]
     pool: list[tuple[Signal, bool]] = []
     if scope in ("current", "all"):
-        pool += [(s, True) for s in ctx.signals]
+        pool += [(s, True) for s in ctx.signals if s.name == wanted]
     if scope in ("recent", "all"):
-        pool += [(s, False) for s in ctx.history.recent_signals]
+        pool += [(s, False) for s in ctx.history.recent_signals if s.name == wanted]
     sure = unsure = 0
     missing: list[str] = []
+    # A chatty patient's history holds one text.tier per message, mostly alike: the verdict of a signal
+    # depends only on its value, tier and missing list (test_signal reads nothing else), so it is
+    # worked out once per distinct one. The window is still checked signal by signal.
+    verdicts: dict[tuple[str, str, RiskTier | None, tuple[str, ...]], Verdict] = {}
+    bounds = _window(ctx, days)
     for sig, current in pool:
-        if sig.name != inner["signal"] or not _in_window(sig, ctx, days, current):
+        if not _in_window(sig, ctx, days, current, bounds):
             continue
-        verdict = test_signal(inner, sig, ctx)
+        key = (type(sig.value).__name__, repr(sig.value), sig.tier, tuple(sig.missing))
+        verdict = verdicts.get(key)
+        if verdict is None:
+            verdict = verdicts[key] = test_signal(inner, sig, ctx)
         if verdict.value is True:
             sure += 1
         elif verdict.value is None:

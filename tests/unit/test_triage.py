@@ -302,3 +302,47 @@ def test_triage_tier_never_falls_when_any_input_rises(base: dict[str, object], o
     high = ruleset.evaluate(*to_signals(raised), NOW)
     assert high.tier >= low.tier
     assert max((s.tier for s in to_signals(raised)[0] if s.tier is not None), default=RiskTier.NONE) <= high.tier
+
+
+def _count_by_hand(test: dict, ctx: object) -> tuple[object, list[str], list[str]]:
+    """The count test worked out signal by signal, every verdict asked anew (the reference for the cached one)."""
+    from cds.triage.logic import OPS, _in_window, _op_of, test_signal
+
+    inner = test["count"]
+    pool = [(s, True) for s in ctx.signals] + [(s, False) for s in ctx.history.recent_signals]  # type: ignore[attr-defined]
+    sure = unsure = 0
+    missing: list[str] = []
+    for s, current in pool:
+        if s.name != inner["signal"] or not _in_window(s, ctx, float(test["within_days"]), current):  # type: ignore[arg-type]
+            continue
+        v = test_signal(inner, s, ctx)  # type: ignore[arg-type]
+        sure += v.value is True
+        unsure += v.value is None
+        missing += v.missing if v.value is None else []
+    outcomes = {OPS[_op_of(test)](n, test[_op_of(test)]) for n in range(sure, sure + unsure + 1)}
+    return (outcomes.pop() if len(outcomes) == 1 else None), [f"{sure}+{unsure}"], missing
+
+
+_TIERS = st.sampled_from([None, *RiskTier])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["text.tier", "phq9.item9"]), _TIERS,
+                          st.sampled_from([(), ("text risk model (unavailable)",)]),
+                          st.floats(min_value=0, max_value=20)), max_size=40),
+       st.sampled_from([1, 2, 3]))
+def test_count_over_a_long_history_matches_asking_every_signal(rows: list[tuple], gte: int) -> None:
+    """The count test works each distinct signal's verdict out once; over long, repetitive histories
+    (one text.tier per chat message) it must count exactly as asking every signal would."""
+    from cds.triage.logic import Context, _test_count
+
+    recent = tuple(sig(name, t.label if t is not None else None, t, missing=m, observed_at=NOW - timedelta(days=d))
+                   for name, t, m, d in rows)
+    ctx = Context(signals=[sig("text.tier", "low", RiskTier.LOW)], history=History(recent_signals=recent), now=NOW,
+                  labels={})
+    test = {"count": {"signal": "text.tier", "field": "tier", "gte": "moderate"}, "within_days": 14, "gte": gte}
+    got = _test_count(test, ctx)
+    want_value, (counts,), want_missing = _count_by_hand(test, ctx)
+    sure, unsure = (int(x) for x in counts.split("+"))
+    assert got.value == want_value and got.missing == (want_missing if want_value is None else [])
+    assert f": {sure} time(s) within 14 days" in got.lines[0] and ((f"(+{unsure} undecided)" in got.lines[0]) == bool(unsure))
