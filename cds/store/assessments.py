@@ -78,9 +78,10 @@ def insert_assessment(conn: psycopg.Connection[Any], cipher: Cipher, a: Assessme
         assessment_id = allocate_ids(conn, 1)[0]
     blob = seal_json(cipher, conn, a.patient_ref, [s.to_json() for s in a.signals], _signals_aad(assessment_id))
     conn.execute(
-        "INSERT INTO assessments (id, event_id, patient_ref, tier, probability, flags, missing, scores, fired,"
-        " actions, thresholds, basis, ruleset_hash, ruleset_version, model_sha256, shadow, signals_enc,"
-        " signal_summary) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        "WITH a AS (INSERT INTO assessments (id, event_id, patient_ref, tier, probability, flags, missing, scores,"
+        " fired, actions, thresholds, basis, ruleset_hash, ruleset_version, model_sha256, shadow, signals_enc,"
+        " signal_summary) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " RETURNING id, patient_ref, created_at, shadow, signal_summary) " + _LOOKBACK_ROWS,
         (assessment_id, event_id, a.patient_ref, int(a.tier), a.probability, sorted(a.flags), list(a.missing),
          json.dumps(scores), json.dumps([f.to_json() for f in a.fired]),
          json.dumps([x.to_json() for x in a.actions]), json.dumps(dict(a.thresholds), default=str),
@@ -108,12 +109,18 @@ def recent_signals(conn: psycopg.Connection[Any], patient_ref: str, since: datet
 # column costs a JSON parse per row). Each summary is written by ``signal_summary``: name and source are
 # strings, tier a label or null, missing a list of strings (NULL here when empty), value a JSON number,
 # boolean, null or string (sent as text with its JSON type, so only non-strings are parsed).
+# Read from lookback_signals (migration 0009), written with each live assessment in the same statement
+# (_LOOKBACK_ROWS): an index-only range scan per wanted name, where expanding every earlier assessment's
+# signal_summary cost a heap visit and a jsonb expansion per earlier chat message.
 _RECENT_SIGNALS = (
-    "SELECT a.created_at, s->>'name', jsonb_typeof(s->'value'), s->>'value', s->>'source', s->>'tier',"
-    " NULLIF(s->'missing', '[]')::text"
-    " FROM assessments a, jsonb_array_elements(a.signal_summary) WITH ORDINALITY AS x(s, n)"
-    " WHERE a.patient_ref = %s AND NOT a.shadow AND a.created_at >= %s"
-    " AND (%s::text[] IS NULL OR s->>'name' = ANY(%s::text[])) ORDER BY a.id, x.n")
+    "SELECT observed_at, name, value_type, value, source, tier, missing FROM lookback_signals"
+    " WHERE patient_ref = %s AND observed_at >= %s AND (%s::text[] IS NULL OR name = ANY(%s::text[]))"
+    " ORDER BY assessment_id, n")
+_LOOKBACK_ROWS = (
+    "INSERT INTO lookback_signals (assessment_id, n, patient_ref, observed_at, name, value_type, value, source,"
+    " tier, missing) SELECT a.id, x.n, a.patient_ref, a.created_at, x.s->>'name', jsonb_typeof(x.s->'value'),"
+    " x.s->>'value', x.s->>'source', x.s->>'tier', NULLIF(x.s->'missing', '[]')::text"
+    " FROM a, jsonb_array_elements(a.signal_summary) WITH ORDINALITY AS x(s, n) WHERE NOT a.shadow")
 
 
 def recent_signals_deferred(conn: psycopg.Connection[Any], patient_ref: str, since: datetime,

@@ -57,8 +57,9 @@ def test_an_assessment_is_one_insert_and_its_signals_decrypt(db_conn: psycopg.Co
     got = store.insert_assessment(rec, cipher, _assessment(), event_id=None, scores={"phq9": {"total": 3}},  # type: ignore[arg-type]
                                   assessment_id=assessment_id)
     assert got == assessment_id
-    # one statement on the table (the cipher's own data-key lookup aside): no UPDATE after the INSERT
-    assert [s.split(" (")[0] for s in _assessment_statements(rec)] == ["INSERT INTO assessments"]
+    # one statement (the cipher's own data-key lookup aside): the row and its look-back rows, no UPDATE after
+    (statement,) = _assessment_statements(rec)
+    assert statement.startswith("WITH a AS (INSERT INTO assessments") and "INSERT INTO lookback_signals" in statement
     db_conn.commit()
     signals = store.load_signals(db_conn, cipher, assessment_id)
     assert [(s.name, s.value, s.evidence[0].text) for s in signals] == [("text.tier", "high", "我已经攒够了安眠药")]
@@ -81,7 +82,7 @@ def test_without_an_id_one_is_drawn_from_the_sequence(db_conn: psycopg.Connectio
     rec = Recording(db_conn)
     got = store.insert_assessment(rec, cipher, _assessment(), event_id=None, scores={})  # type: ignore[arg-type]
     drawn, inserted = _assessment_statements(rec)  # no UPDATE after the INSERT
-    assert "nextval('assessments_id_seq')" in drawn and inserted.startswith("INSERT INTO assessments")
+    assert "nextval('assessments_id_seq')" in drawn and inserted.startswith("WITH a AS (INSERT INTO assessments")
     assert store.load_signals(db_conn, cipher, got)[0].name == "text.tier"
     # later rows still get ids from the same sequence, above it
     assert store.insert_assessment(db_conn, cipher, _assessment(), event_id=None, scores={}) > got
@@ -148,3 +149,52 @@ def test_recent_signals_read_the_summaries_as_stored(db_conn: psycopg.Connection
     assert store.recent_signals(db_conn, PATIENT, last) == [s for s in got if s.observed_at >= last]
     assert store.recent_signals(db_conn, PATIENT, last + timestamptz_step) == []
     assert store.recent_signals(db_conn, "Patient/nobody", since) == []
+
+
+# The look-back read as it was before lookback_signals (migration 0009): every summary expanded from the
+# assessments themselves. The reference the table must reproduce, row for row.
+_FROM_SUMMARIES = (
+    "SELECT a.created_at, s->>'name', jsonb_typeof(s->'value'), s->>'value', s->>'source', s->>'tier',"
+    " NULLIF(s->'missing', '[]')::text"
+    " FROM assessments a, jsonb_array_elements(a.signal_summary) WITH ORDINALITY AS x(s, n)"
+    " WHERE a.patient_ref = %s AND NOT a.shadow AND a.created_at >= %s"
+    " AND (%s::text[] IS NULL OR s->>'name' = ANY(%s::text[])) ORDER BY a.id, x.n")
+
+
+def test_lookback_rows_match_the_summaries_and_the_migration_backfills_them(
+        db_conn: psycopg.Connection[Any], cipher: FieldCipher) -> None:
+    """Every live assessment's signals land in lookback_signals with it (shadow ones do not), the read gives
+    exactly what expanding the summaries gave, and migration 0009's backfill rebuilds the same rows for
+    assessments stored before it."""
+    from datetime import UTC, datetime, timedelta
+
+    from cds.store.db import MIGRATIONS_DIR
+
+    tiers = [RiskTier.NONE, RiskTier.LOW, RiskTier.MODERATE, None]
+    for i in range(30):
+        t = tiers[i % 4]
+        signals = (Signal("text.tier", t.label if t else None, "model", t, missing=() if t else ("text",)),
+                   Signal("text.probability", i / 30, "model"), Signal("phq9.item9", i % 3, "phq9"))
+        a = Assessment(patient_ref=PATIENT if i % 5 else "Patient/p2", tier=RiskTier.LOW, probability=None,
+                       flags=frozenset(), missing=(), signals=signals, fired=(), actions=(),
+                       ruleset_hash="ab" * 32, model_sha256=None)
+        store.insert_assessment(db_conn, cipher, a, event_id=None, scores={}, shadow=i % 7 == 0)
+    since = datetime.now(UTC) - timedelta(days=14)
+
+    def both(names: list[str] | None) -> tuple[list[Any], list[Any]]:
+        table = db_conn.execute(store._RECENT_SIGNALS, (PATIENT, since, names, names)).fetchall()
+        summaries = db_conn.execute(_FROM_SUMMARIES, (PATIENT, since, names, names)).fetchall()
+        return table, summaries
+
+    for names in (None, ["text.tier"], ["phq9.item9", "text.tier"]):
+        table, summaries = both(names)
+        assert table == summaries and table
+    assert db_conn.execute("SELECT count(*) FROM lookback_signals l JOIN assessments a ON a.id = l.assessment_id"
+                           " WHERE a.shadow").fetchone()[0] == 0
+    before = both(None)[0]
+    sql = (MIGRATIONS_DIR / "0009_lookback_signals.sql").read_text(encoding="utf-8")
+    backfill = sql[sql.index("INSERT INTO lookback_signals"):]
+    db_conn.execute("DELETE FROM lookback_signals")
+    assert both(None)[0] == []
+    db_conn.execute(backfill.encode())
+    assert both(None)[0] == before
