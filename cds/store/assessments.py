@@ -104,14 +104,12 @@ def recent_signals(conn: psycopg.Connection[Any], patient_ref: str, since: datet
     return recent_signals_deferred(conn, patient_ref, since, names)()
 
 
-# The look-back read: one row per signal, in scalar columns (a chatty patient - every chat message is an
-# assessment - has thousands of summaries in the window; scalar columns are parsed in C, where a jsonb
-# column costs a JSON parse per row). Each summary is written by ``signal_summary``: name and source are
-# strings, tier a label or null, missing a list of strings (NULL here when empty), value a JSON number,
-# boolean, null or string (sent as text with its JSON type, so only non-strings are parsed).
-# Read from lookback_signals (migration 0009), written with each live assessment in the same statement
-# (_LOOKBACK_ROWS): an index-only range scan per wanted name, where expanding every earlier assessment's
-# signal_summary cost a heap visit and a jsonb expansion per earlier chat message.
+# The look-back read: one row per signal of each live assessment, from lookback_signals (migration 0009),
+# written with the assessment in the same statement (_LOOKBACK_ROWS). An index-only range scan per wanted
+# name: expanding every earlier assessment's signal_summary cost a heap visit and a jsonb expansion per
+# earlier chat message. Scalar columns, parsed in C: name and source are strings, tier a label or null,
+# missing a JSON list of strings (NULL when empty), value a JSON number, boolean, null or string (sent as
+# text with its JSON type, so only non-strings are parsed).
 _RECENT_SIGNALS = (
     "SELECT observed_at, name, value_type, value, source, tier, missing FROM lookback_signals"
     " WHERE patient_ref = %s AND observed_at >= %s AND (%s::text[] IS NULL OR name = ANY(%s::text[]))"

@@ -145,11 +145,11 @@ def _window(ctx: Context, days: float) -> tuple[datetime, datetime, datetime]:
     return now - timedelta(days=days), now + timedelta(minutes=5), now
 
 
-def _in_window(sig: Signal, ctx: Context, days: float, current: bool,
-               bounds: tuple[datetime, datetime, datetime] | None = None) -> bool:
+def _in_window(sig: Signal, bounds: tuple[datetime, datetime, datetime], current: bool) -> bool:
+    """``bounds`` from ``_window``: worked out once per count test, not once per signal."""
     if sig.observed_at is None:
         return True  # current signals are "now"; recent ones are already in the window by contract
-    lo, hi_current, hi_recent = bounds or _window(ctx, days)
+    lo, hi_current, hi_recent = bounds
     return lo <= aware(sig.observed_at) <= (hi_current if current else hi_recent)
 
 
@@ -219,7 +219,7 @@ def _test_count(test: Mapping[str, Any], ctx: Context) -> Verdict:
     verdicts: dict[tuple[str, str, RiskTier | None, tuple[str, ...]], Verdict] = {}
     bounds = _window(ctx, days)
     for sig, current in pool:
-        if not _in_window(sig, ctx, days, current, bounds):
+        if not _in_window(sig, bounds, current):
             continue
         key = (type(sig.value).__name__, repr(sig.value), sig.tier, tuple(sig.missing))
         verdict = verdicts.get(key)

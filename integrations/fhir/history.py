@@ -61,17 +61,17 @@ def fetch_histories(client: FhirClient, patient_refs: Sequence[str]) -> dict[str
 
 
 def _fetch_chunk(client: FhirClient, refs: list[str]) -> dict[str, PatientHistory | None]:
-    unknown: dict[str, PatientHistory | None] = dict.fromkeys(refs)
+    answers: dict[str, PatientHistory | None] = dict.fromkeys(refs)  # None (unknown) until the EHR answers
     ids = {ref: ref.split("/", 1)[1] for ref in refs if ref.startswith("Patient/") and "," not in ref}
     if not ids:
-        return unknown
+        return answers
     try:
         conditions = list(client.search_all("Condition", {"subject": ",".join(ids), "_count": 1000},
                                             max_pages=_MAX_PAGES, strict=True))
         patients = list(client.search_all("Patient", {"_id": ",".join(ids.values()), "_count": len(ids)},
                                           max_pages=2, strict=True))
     except CdsError:  # TruncatedSearch included
-        return unknown
+        return answers
     codes: dict[str, list[str]] = {ref: [] for ref in ids}
     attempt = dict.fromkeys(ids, False)
     for cond in conditions:
@@ -87,8 +87,8 @@ def _fetch_chunk(client: FhirClient, refs: list[str]) -> dict[str, PatientHistor
     for pat in patients:
         ref = f"Patient/{pat.get('id')}"
         if ref in ids:
-            unknown[ref] = PatientHistory(tuple(dict.fromkeys(codes[ref])), attempt[ref], _birth_date(pat))
-    return unknown
+            answers[ref] = PatientHistory(tuple(dict.fromkeys(codes[ref])), attempt[ref], _birth_date(pat))
+    return answers
 
 
 def _birth_date(patient: dict[str, Any]) -> date | None:

@@ -306,14 +306,14 @@ def test_triage_tier_never_falls_when_any_input_rises(base: dict[str, object], o
 
 def _count_by_hand(test: dict, ctx: object) -> tuple[object, list[str], list[str]]:
     """The count test worked out signal by signal, every verdict asked anew (the reference for the cached one)."""
-    from cds.triage.logic import OPS, _in_window, _op_of, test_signal
+    from cds.triage.logic import OPS, _in_window, _op_of, _window, test_signal
 
     inner = test["count"]
     pool = [(s, True) for s in ctx.signals] + [(s, False) for s in ctx.history.recent_signals]  # type: ignore[attr-defined]
     sure = unsure = 0
     missing: list[str] = []
     for s, current in pool:
-        if s.name != inner["signal"] or not _in_window(s, ctx, float(test["within_days"]), current):  # type: ignore[arg-type]
+        if s.name != inner["signal"] or not _in_window(s, _window(ctx, float(test["within_days"])), current):  # type: ignore[arg-type]
             continue
         v = test_signal(inner, s, ctx)  # type: ignore[arg-type]
         sure += v.value is True
