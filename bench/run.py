@@ -185,7 +185,8 @@ def bench_ingest(n_patients: int = 300, n_messages: int = 6000, workers: int = 1
     that many messages per second (sustained: the latency a steady stream sees)."""
     from tests.samples import patient, wait_until
 
-    poll_interval = 0.5 if mode == "polled" else 30.0  # with a Subscription, polling only reconciles
+    # with a Subscription, polling only reconciles (BENCH_RECONCILE_S to change how often)
+    poll_interval = 0.5 if mode == "polled" else float(os.environ.get("BENCH_RECONCILE_S", "30"))
     stack = Stack(workers=workers, poll_page_size=500, poll_interval_s=poll_interval)
     web = None
     try:
@@ -439,11 +440,14 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
 def main(argv: list[str]) -> None:
     chosen = argv or list(SECTIONS)
     results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results.update({"commit": commit(), "machine": machine(),
+    here = machine()
+    results.update({"commit": commit(), "machine": here,
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     for name in chosen:
         print(f"bench {name} ...", flush=True)
-        results[name] = {**SECTIONS[name](), "commit": results["commit"],
+        # Each section keeps the machine it ran on: a run of some sections leaves the others as they were,
+        # maybe from another machine, and the top-level "machine" only names the latest run's.
+        results[name] = {**SECTIONS[name](), "commit": results["commit"], "machine": here,
                          "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         print(f"  {json.dumps(results[name])}", flush=True)
         RESULTS.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")  # after each section
