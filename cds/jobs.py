@@ -118,11 +118,15 @@ def escalate_overdue(service: Service) -> int:
 
 
 def export_audit_to_ehr(service: Service) -> int:
-    """Queue new audit records as AuditEvent batches for the EHR (delivered by the outbox)."""
-    from compliance.ehr_export import queue_audit_export
+    """Queue new audit records as AuditEvent batches for the EHR (delivered by the outbox), then raise or
+    clear the alarm that says the EHR's copy is behind."""
+    from compliance.ehr_export import check_export_lag, queue_audit_export
 
+    s = service.settings
     with service.pool.connection() as conn, conn.transaction():
-        return queue_audit_export(conn, service.cipher)
+        queued = queue_audit_export(conn, service.cipher, max_batches=s.audit_export_batches)
+        check_export_lag(conn, service.pipeline.clock(), s.audit_export_max_lag_s)
+        return queued
 
 
 def apply_retention(service: Service) -> dict[str, int]:

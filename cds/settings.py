@@ -95,6 +95,8 @@ class Settings:
     notify_secret: str | None = None  # shared secret of the Subscription rest-hook channel
     notify_secret_header: str | None = None  # None = Authorization: Bearer <secret> or X-Subscription-Secret
     feed_heartbeat_s: int = 300  # Subscription heartbeat period; silent for 2x this raises an alarm
+    audit_export_batches: int = 2  # AuditEvent Bundles (50 each) sent to the EHR per 5-s run
+    audit_export_max_lag_s: int = 900  # the EHR's audit copy trailing longer than this raises an alarm
     # -- SMART App Launch (EHR launch) and OpenID Connect single sign-on: see cds.web.smart_launch -------
     smart_issuers: tuple[str, ...] = ()  # FHIR bases allowed as launch `iss`; from_env defaults to fhir_base_url
     smart_client_id: str | None = None  # None = /smart/launch answers that SMART launch is not set up
@@ -159,6 +161,8 @@ class Settings:
             notify_secret=env.get("CDS_NOTIFY_SECRET") or None,
             notify_secret_header=env.get("CDS_NOTIFY_SECRET_HEADER") or None,
             feed_heartbeat_s=_int(env, "CDS_FEED_HEARTBEAT_S", 300, 1),
+            audit_export_batches=_int(env, "CDS_AUDIT_EXPORT_BATCHES", 2, 1),
+            audit_export_max_lag_s=_int(env, "CDS_AUDIT_EXPORT_MAX_LAG_S", 900, 1),
             smart_issuers=_urls(env, "CDS_SMART_ISSUERS") or (fhir,),
             smart_client_id=env.get("CDS_SMART_CLIENT_ID") or None,
             smart_client_secret=env.get("CDS_SMART_CLIENT_SECRET") or None,

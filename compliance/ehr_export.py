@@ -7,7 +7,10 @@ AuditEvent carries its seq and hashes). The position sent so far is kept in audi
 
 from __future__ import annotations
 
+import logging
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -17,13 +20,19 @@ from cds.store.cipher import Cipher
 from compliance.audit import _RECORD_COLUMNS, _to_record
 from compliance.export import to_fhir
 
+log = logging.getLogger(__name__)
+
 BATCH = 50  # the sandbox (Medplum) takes at most 50 PUT entries per transaction; real EHRs similar
 # Spread out: every EXPORT_INTERVAL_S at most BATCHES_PER_RUN Bundles, i.e. up to 20 AuditEvents/s. Sent a
 # minute's worth at a time (20 Bundles, 1,000 PUTs), the EHR stalled for the chat it was also taking in:
 # on 2 cores at 220 messages/s every minute's burst put the alerts of the next seconds 1 s late (write-back
 # p99 1.26 s -> 0.74 s spread out, same bench). What is not yet sent waits in audit_log, in order.
+# CDS_AUDIT_EXPORT_BATCHES sets BATCHES_PER_RUN for an EHR that takes more.
 EXPORT_INTERVAL_S = 5
 BATCHES_PER_RUN = 2
+# The EHR's copy may trail the chain by this much before an operations alarm says so (CDS_AUDIT_EXPORT_MAX_LAG_S).
+MAX_LAG_S = 900
+ALARM = "audit-export:ehr"
 NAMESPACE = uuid.UUID("8f6f3c1e-7a55-4f0b-9a56-2d1f0d3c0a11")
 
 
@@ -55,3 +64,68 @@ def queue_audit_export(conn: psycopg.Connection[Any], cipher: Cipher, *, max_bat
         queued += len(records)
     conn.execute("UPDATE audit_export_state SET last_seq = %s, updated_at = now() WHERE name = 'ehr'", (last,))
     return queued
+
+
+@dataclass(frozen=True)
+class ExportStatus:
+    """How far the EHR's copy of the audit log trails the chain in PostgreSQL (which is never behind)."""
+
+    head_seq: int  # newest record of the chain (0: none yet)
+    in_ehr_through: int  # every record up to this seq has been accepted by the EHR
+    queued_bundles: int  # Bundles waiting in the outbox
+    dead_bundles: int  # Bundles the EHR refused for good (kept in the outbox, visible, never dropped)
+    oldest_unsent_at: datetime | None  # when the first record not yet in the EHR was written
+
+    @property
+    def behind(self) -> int:
+        """Records not in the EHR yet: not queued, or queued and not delivered."""
+        return max(0, self.head_seq - self.in_ehr_through)
+
+    def lag_s(self, now: datetime) -> float:
+        return max(0.0, (now - self.oldest_unsent_at).total_seconds()) if self.oldest_unsent_at else 0.0
+
+    def to_json(self, now: datetime) -> dict[str, Any]:
+        return {"head_seq": self.head_seq, "in_ehr_through": self.in_ehr_through, "behind": self.behind,
+                "queued_bundles": self.queued_bundles, "dead_bundles": self.dead_bundles,
+                "oldest_unsent_at": self.oldest_unsent_at.isoformat() if self.oldest_unsent_at else None,
+                "lag_s": round(self.lag_s(now), 1)}
+
+
+def export_status(conn: psycopg.Connection[Any]) -> ExportStatus:
+    """Read from the chain's head, the export position and the unsent export rows (index ``outbox_unsent``).
+
+    A Bundle covers seqs ``first-last`` (its dedupe key). The EHR holds everything before the first seq
+    of the oldest Bundle not yet delivered; with none, everything queued so far."""
+    counts = conn.execute(
+        "SELECT (SELECT coalesce(max(seq), 0) FROM audit_log),"
+        " (SELECT coalesce(max(last_seq), 0) FROM audit_export_state WHERE name = 'ehr'),"
+        " min(split_part(substr(dedupe_key, length('audit-export:') + 1), '-', 1)::bigint),"
+        " count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead')"
+        " FROM outbox WHERE kind = 'audit-export' AND status <> 'sent'").fetchone()
+    assert counts is not None  # an aggregate always answers one row
+    head, queued_through, first_unsent, pending, dead = counts
+    through = int(first_unsent) - 1 if first_unsent is not None else int(queued_through)
+    oldest = None
+    if head > through:
+        row = conn.execute("SELECT recorded_at FROM audit_log WHERE seq > %s ORDER BY seq LIMIT 1",
+                           (through,)).fetchone()
+        oldest = row[0] if row else None
+    return ExportStatus(int(head), through, int(pending), int(dead), oldest)
+
+
+def check_export_lag(conn: psycopg.Connection[Any], now: datetime, max_lag_s: float = MAX_LAG_S) -> ExportStatus:
+    """Raise the operations alarm ``audit-export:ehr`` (shown by /healthz, audited) while the EHR's copy
+    trails by more than ``max_lag_s`` or a Bundle was refused for good; clear it once caught up."""
+    from integrations.fhir.watchdog import FeedAlarm, clear_alarm, raise_alarm
+
+    status = export_status(conn)
+    lag = status.lag_s(now)
+    if status.dead_bundles or lag > max_lag_s:
+        reason = "refused" if status.dead_bundles else "behind"
+        alarm = FeedAlarm(ALARM, ALARM, reason, {**status.to_json(now), "allowed_lag_s": max_lag_s})
+        if raise_alarm(conn, alarm, now, event_type="ops.audit_export_behind") is not None:
+            log.error("the EHR's copy of the audit log is behind",
+                      extra={"reason": reason, "behind": status.behind, "lag_s": round(lag)})
+    elif clear_alarm(conn, ALARM, now, event_type="ops.audit_export_caught_up"):
+        log.warning("the EHR's copy of the audit log caught up")
+    return status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from cds.errors import InputError
 from cds.store import events as event_store
 from cds.store import feeds, outbox
 from cds.web import service
+from compliance.ehr_export import export_status
 from integrations.fhir.watchdog import active_alarms
 
 bp = Blueprint("api", __name__)
@@ -40,7 +42,9 @@ def healthz() -> Any:
             queue = outbox.counts(conn)
             pending = conn.execute("SELECT count(*) FROM events WHERE status = 'pending'").fetchone()
             alarms = [a.to_json() for a in active_alarms(conn)]
+            export = export_status(conn)
         body["database"] = {"status": "ok"}
+        body["audit_export"] = export.to_json(datetime.now(UTC))  # the EHR's copy of the audit log
         body["ehr_feed"] = {f.name: {"last_success_at": f.last_success_at, "last_event_at": f.last_event_at,
                                      "consecutive_failures": f.consecutive_failures, "last_error": f.last_error}
                             for f in feed_states}

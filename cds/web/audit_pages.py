@@ -19,6 +19,7 @@ from flask import Blueprint, Response, render_template, request
 from cds.errors import InputError, NotFoundError
 from cds.web import auth, service
 from cds.web.dashboard import user_tz
+from compliance.ehr_export import export_status
 
 bp = Blueprint("audit", __name__, url_prefix="/audit")
 
@@ -114,13 +115,15 @@ def search() -> Any:
         cover = checkpoint_cover(conn, [r.seq for r in records])
         head = conn.execute("SELECT max(seq) FROM audit_log").fetchone()
         last_cp = conn.execute("SELECT seq, signed_at FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
+        export = export_status(conn)
         audit.record(conn, event_type="rest.search", action="E", actor=user.actor, role=user.role,
                      purpose="HOPERAT", entity={"what": "audit_log", "count": len(records)},
                      detail={"page": "/audit", "patient_filter": bool(flt.patient), "actor": flt.actor or None,
                              "type": flt.event_type or None, "before": before})
         conn.commit()
     return render_template("audit.html", records=records, cover=cover, flt=flt, before=before, more=more,
-                           head=head[0] if head else None, last_cp=last_cp, event_types=EVENT_TYPES,
+                           head=head[0] if head else None, last_cp=last_cp, export=export,
+                           export_lag_s=export.lag_s(datetime.now(UTC)), event_types=EVENT_TYPES,
                            page_size=PAGE_SIZE)
 
 

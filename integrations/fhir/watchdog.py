@@ -75,8 +75,6 @@ def feed_alarm(feed: feeds.FeedState, now: datetime, *, heartbeat_s: float, poll
 
 def check_feeds(service: Service, now: datetime) -> list[FeedAlarm]:
     """Raise alarms for silent or failing feeds, clear those that recovered; returns the active alarms."""
-    from compliance import audit
-
     s = service.settings
     with service.pool.connection() as conn:
         states = feeds.all_feeds(conn)
@@ -87,25 +85,46 @@ def check_feeds(service: Service, now: datetime) -> list[FeedAlarm]:
         for name, alarm in wanted.items():
             if name in open_rows:
                 continue
-            row = conn.execute("INSERT INTO ops_alarms (name, raised_at, detail) VALUES (%s, %s, %s)"
-                               " ON CONFLICT (name) WHERE cleared_at IS NULL DO NOTHING RETURNING raised_at",
-                               (name, now, Jsonb(alarm.to_json()))).fetchone()
-            if row is None:
-                continue  # another node raised it a moment ago
-            open_rows[name] = row[0]
-            audit.record(conn, event_type="ops.feed_silent", action="E", actor="psych-cds", outcome=8,
-                         entity={"feed": alarm.feed}, detail={"reason": alarm.reason, **alarm.detail})
-            log.error("EHR feed alarm raised", extra={"feed": alarm.feed, "reason": alarm.reason})
+            raised = raise_alarm(conn, alarm, now, event_type="ops.feed_silent")
+            if raised is not None:
+                open_rows[name] = raised
+                log.error("EHR feed alarm raised", extra={"feed": alarm.feed, "reason": alarm.reason})
         for name in [n for n in open_rows if n not in wanted]:
-            cleared = conn.execute("UPDATE ops_alarms SET cleared_at = %s WHERE name = %s AND cleared_at IS NULL"
-                                   " RETURNING id", (now, name)).fetchone()
             del open_rows[name]
-            if cleared is not None:
-                audit.record(conn, event_type="ops.feed_recovered", action="E", actor="psych-cds", outcome=0,
-                             entity={"feed": name.removeprefix("feed:")}, detail={"alarm_id": cleared[0]})
+            if clear_alarm(conn, name, now, event_type="ops.feed_recovered"):
                 log.warning("EHR feed alarm cleared", extra={"feed": name})
         conn.commit()
     return [FeedAlarm(a.name, a.feed, a.reason, a.detail, open_rows.get(a.name)) for a in wanted.values()]
+
+
+def raise_alarm(conn: psycopg.Connection[Any], alarm: FeedAlarm, now: datetime, *, event_type: str
+                ) -> datetime | None:
+    """Open ``alarm`` (one open row per name, so several nodes raise it once) and audit it; returns when it
+    was raised, or None when it was open already."""
+    from compliance import audit
+
+    row = conn.execute("INSERT INTO ops_alarms (name, raised_at, detail) VALUES (%s, %s, %s)"
+                       " ON CONFLICT (name) WHERE cleared_at IS NULL DO NOTHING RETURNING raised_at",
+                       (alarm.name, now, Jsonb(alarm.to_json()))).fetchone()
+    if row is None:
+        return None
+    audit.record(conn, event_type=event_type, action="E", actor="psych-cds", outcome=8,
+                 entity={"feed": alarm.feed}, detail={"reason": alarm.reason, **alarm.detail})
+    return row[0]  # type: ignore[no-any-return]
+
+
+def clear_alarm(conn: psycopg.Connection[Any], name: str, now: datetime, *, event_type: str) -> bool:
+    """Close the open alarm ``name`` and audit it; False when none was open."""
+    from compliance import audit
+
+    cleared = conn.execute("UPDATE ops_alarms SET cleared_at = %s WHERE name = %s AND cleared_at IS NULL"
+                           " RETURNING id, detail", (now, name)).fetchone()
+    if cleared is None:
+        return False
+    feed = (cleared[1] or {}).get("feed") or name.removeprefix("feed:")
+    audit.record(conn, event_type=event_type, action="E", actor="psych-cds", outcome=0,
+                 entity={"feed": feed}, detail={"alarm_id": cleared[0]})
+    return True
 
 
 def active_alarms(conn: psycopg.Connection[Any]) -> list[FeedAlarm]:
