@@ -77,9 +77,11 @@ def serve(workers: int, dev: bool) -> None:
             self.cfg.set("accesslog", None)
             self.cfg.set("graceful_timeout", 10)
 
-        def load(self) -> Any:
+        def load(self) -> Any:  # in each gunicorn worker process, after the fork
+            from cds import gc_pacing
             from cds.web import create_app
 
+            gc_pacing.start(settings.gc_freeze_s, settings.gc_sweep_s)
             return create_app()
 
     _App().run()
@@ -89,10 +91,12 @@ def serve(workers: int, dev: bool) -> None:
 def worker() -> None:
     """Run the pipeline worker: poll feeds, assess, deliver write-backs, scheduled jobs."""
     _configure_logging()
+    from cds import gc_pacing
     from cds.jobs import build_scheduler, wake_on_notify
     from cds.service import Service
 
     service = Service.start(_settings())
+    gc_pacing.start(service.settings.gc_freeze_s, service.settings.gc_sweep_s)
     scheduler = build_scheduler(service)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

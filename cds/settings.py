@@ -97,6 +97,8 @@ class Settings:
     feed_heartbeat_s: int = 300  # Subscription heartbeat period; silent for 2x this raises an alarm
     audit_export_batches: int = 2  # AuditEvent Bundles (50 each) sent to the EHR per 5-s run
     audit_export_max_lag_s: int = 900  # the EHR's audit copy trailing longer than this raises an alarm
+    gc_freeze_s: float = 10.0  # long-running processes freeze GC survivors this often (cds.gc_pacing; 0 = off)
+    gc_sweep_s: float = 3600.0  # ... and run one full collection this often
     # -- SMART App Launch (EHR launch) and OpenID Connect single sign-on: see cds.web.smart_launch -------
     smart_issuers: tuple[str, ...] = ()  # FHIR bases allowed as launch `iss`; from_env defaults to fhir_base_url
     smart_client_id: str | None = None  # None = /smart/launch answers that SMART launch is not set up
@@ -163,6 +165,8 @@ class Settings:
             feed_heartbeat_s=_int(env, "CDS_FEED_HEARTBEAT_S", 300, 1),
             audit_export_batches=_int(env, "CDS_AUDIT_EXPORT_BATCHES", 2, 1),
             audit_export_max_lag_s=_int(env, "CDS_AUDIT_EXPORT_MAX_LAG_S", 900, 1),
+            gc_freeze_s=_float(env, "CDS_GC_FREEZE_S", 10.0),
+            gc_sweep_s=_float(env, "CDS_GC_SWEEP_S", 3600.0),
             smart_issuers=_urls(env, "CDS_SMART_ISSUERS") or (fhir,),
             smart_client_id=env.get("CDS_SMART_CLIENT_ID") or None,
             smart_client_secret=env.get("CDS_SMART_CLIENT_SECRET") or None,
