@@ -115,7 +115,7 @@ def export_status(conn: psycopg.Connection[Any]) -> ExportStatus:
 
 def check_export_lag(conn: psycopg.Connection[Any], now: datetime, max_lag_s: float = MAX_LAG_S) -> ExportStatus:
     """Raise the operations alarm ``audit-export:ehr`` (shown by /healthz, audited) while the EHR's copy
-    trails by more than ``max_lag_s`` or a Bundle was refused for good; clear it once caught up."""
+    trails by more than ``max_lag_s`` or a Bundle was refused for good; clear it once it is back within."""
     from integrations.fhir.watchdog import FeedAlarm, clear_alarm, raise_alarm
 
     status = export_status(conn)
