@@ -113,16 +113,15 @@ def search() -> Any:
         more = len(records) > PAGE_SIZE
         records = records[:PAGE_SIZE]
         cover = checkpoint_cover(conn, [r.seq for r in records])
-        head = conn.execute("SELECT max(seq) FROM audit_log").fetchone()
         last_cp = conn.execute("SELECT seq, signed_at FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
-        export = export_status(conn)
+        export = export_status(conn)  # its head_seq is the chain's head (0: no record yet)
         audit.record(conn, event_type="rest.search", action="E", actor=user.actor, role=user.role,
                      purpose="HOPERAT", entity={"what": "audit_log", "count": len(records)},
                      detail={"page": "/audit", "patient_filter": bool(flt.patient), "actor": flt.actor or None,
                              "type": flt.event_type or None, "before": before})
         conn.commit()
     return render_template("audit.html", records=records, cover=cover, flt=flt, before=before, more=more,
-                           head=head[0] if head else None, last_cp=last_cp, export=export,
+                           head=export.head_seq or None, last_cp=last_cp, export=export,
                            export_lag_s=export.lag_s(datetime.now(UTC)), event_types=EVENT_TYPES,
                            page_size=PAGE_SIZE)
 
