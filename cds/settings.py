@@ -18,6 +18,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FHIR_SCOPES = ("system/*.read system/RiskAssessment.write system/Flag.write system/Communication.write"
                        " system/Task.write system/ServiceRequest.write system/Provenance.write"
                        " system/AuditEvent.write")
+# The audit log's copy in the EHR (compliance.ehr_export reads these defaults from here): Bundles sent per
+# 5-s run, and how far the copy may trail before an operations alarm says so.
+AUDIT_EXPORT_BATCHES = 2
+AUDIT_EXPORT_MAX_LAG_S = 900
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -95,8 +99,8 @@ class Settings:
     notify_secret: str | None = None  # shared secret of the Subscription rest-hook channel
     notify_secret_header: str | None = None  # None = Authorization: Bearer <secret> or X-Subscription-Secret
     feed_heartbeat_s: int = 300  # Subscription heartbeat period; silent for 2x this raises an alarm
-    audit_export_batches: int = 2  # AuditEvent Bundles (50 each) sent to the EHR per 5-s run
-    audit_export_max_lag_s: int = 900  # the EHR's audit copy trailing longer than this raises an alarm
+    audit_export_batches: int = AUDIT_EXPORT_BATCHES  # AuditEvent Bundles (50 each) sent to the EHR per 5-s run
+    audit_export_max_lag_s: int = AUDIT_EXPORT_MAX_LAG_S  # the EHR's audit copy trailing longer raises an alarm
     gc_freeze_s: float = 10.0  # long-running processes freeze GC survivors this often (cds.gc_pacing; 0 = off)
     gc_sweep_s: float = 3600.0  # ... and run one full collection this often
     # -- SMART App Launch (EHR launch) and OpenID Connect single sign-on: see cds.web.smart_launch -------
@@ -163,8 +167,8 @@ class Settings:
             notify_secret=env.get("CDS_NOTIFY_SECRET") or None,
             notify_secret_header=env.get("CDS_NOTIFY_SECRET_HEADER") or None,
             feed_heartbeat_s=_int(env, "CDS_FEED_HEARTBEAT_S", 300, 1),
-            audit_export_batches=_int(env, "CDS_AUDIT_EXPORT_BATCHES", 2, 1),
-            audit_export_max_lag_s=_int(env, "CDS_AUDIT_EXPORT_MAX_LAG_S", 900, 1),
+            audit_export_batches=_int(env, "CDS_AUDIT_EXPORT_BATCHES", AUDIT_EXPORT_BATCHES, 1),
+            audit_export_max_lag_s=_int(env, "CDS_AUDIT_EXPORT_MAX_LAG_S", AUDIT_EXPORT_MAX_LAG_S, 1),
             gc_freeze_s=_float(env, "CDS_GC_FREEZE_S", 10.0),
             gc_sweep_s=_float(env, "CDS_GC_SWEEP_S", 3600.0),
             smart_issuers=_urls(env, "CDS_SMART_ISSUERS") or (fhir,),

@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 
+from cds.settings import AUDIT_EXPORT_BATCHES, AUDIT_EXPORT_MAX_LAG_S
 from cds.store import outbox
 from cds.store.cipher import Cipher
 from compliance.audit import _RECORD_COLUMNS, _to_record
@@ -27,11 +28,11 @@ BATCH = 50  # the sandbox (Medplum) takes at most 50 PUT entries per transaction
 # minute's worth at a time (20 Bundles, 1,000 PUTs), the EHR stalled for the chat it was also taking in:
 # on 2 cores at 220 messages/s every minute's burst put the alerts of the next seconds 1 s late (write-back
 # p99 1.26 s -> 0.74 s spread out, same bench). What is not yet sent waits in audit_log, in order.
-# CDS_AUDIT_EXPORT_BATCHES sets BATCHES_PER_RUN for an EHR that takes more.
+# CDS_AUDIT_EXPORT_BATCHES sets BATCHES_PER_RUN for an EHR that takes more. Both defaults live in cds.settings.
 EXPORT_INTERVAL_S = 5
-BATCHES_PER_RUN = 2
+BATCHES_PER_RUN = AUDIT_EXPORT_BATCHES
 # The EHR's copy may trail the chain by this much before an operations alarm says so (CDS_AUDIT_EXPORT_MAX_LAG_S).
-MAX_LAG_S = 900
+MAX_LAG_S = AUDIT_EXPORT_MAX_LAG_S
 ALARM = "audit-export:ehr"
 NAMESPACE = uuid.UUID("8f6f3c1e-7a55-4f0b-9a56-2d1f0d3c0a11")
 
