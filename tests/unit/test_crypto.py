@@ -17,6 +17,10 @@ from cds.settings import Settings
 from cds.store.db import connect
 from compliance import audit
 from compliance.crypto import (
+    COMPRESS_MIN_BYTES,
+    FORMAT_V1,
+    FORMAT_V2,
+    NONCE_BYTES,
     FieldCipher,
     Kek,
     erase_subject,
@@ -86,6 +90,65 @@ def test_tampered_ciphertext_or_header_is_rejected(db_conn: psycopg.Connection[A
         cipher.decrypt(db_conn, other_key, AAD_1)
     with pytest.raises(CryptoError, match="short"):
         cipher.decrypt(db_conn, b"\x01abc", AAD_1)
+
+
+def _signals_like(n: int) -> bytes:
+    """Repetitive JSON like an assessment's signals (evidence spans of a conversation)."""
+    span = '{"start": %d, "end": %d, "kind": "ideation", "ref": "Communication/7#payload[0]#%d", "text": "想自杀"}'
+    return ("[" + ", ".join(span % (i, i + 3, i % 9) for i in range(n)) + "]").encode()
+
+
+def test_long_repetitive_plaintext_is_sealed_compressed(db_conn: psycopg.Connection[Any],
+                                                        cipher: FieldCipher) -> None:
+    plaintext = _signals_like(60)
+    blob = cipher.encrypt(db_conn, "Patient/1", plaintext, AAD_1)
+    assert blob[0] == FORMAT_V2
+    assert len(blob) < len(plaintext) // 4  # the row stays far below PostgreSQL's TOAST threshold
+    assert cipher.decrypt(db_conn, blob, AAD_1) == plaintext
+    assert FieldCipher(cipher.kek).decrypt(db_conn, blob, AAD_1) == plaintext  # a fresh process too
+    value = {"signals": plaintext.decode()}
+    assert cipher.decrypt_json(db_conn, cipher.encrypt_json(db_conn, "Patient/1", value, AAD_1), AAD_1) == value
+
+
+def test_short_or_incompressible_plaintext_is_sealed_as_it_is(db_conn: psycopg.Connection[Any],
+                                                              cipher: FieldCipher) -> None:
+    short = _signals_like(60)[:COMPRESS_MIN_BYTES - 1]
+    noise = os.urandom(4096)
+    for plaintext in (short, noise, b""):
+        blob = cipher.encrypt(db_conn, "Patient/1", plaintext, AAD_1)
+        assert blob[0] == FORMAT_V1
+        assert len(blob) == 9 + NONCE_BYTES + len(plaintext) + 16
+        assert cipher.decrypt(db_conn, blob, AAD_1) == plaintext
+
+
+def test_blobs_sealed_before_compression_still_open(db_conn: psycopg.Connection[Any], kek: Kek) -> None:
+    """A long value sealed by the earlier code (version 1, no compression) reads the same today."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    cipher = FieldCipher(kek)
+    cipher.encrypt(db_conn, "Patient/1", b"creates the data key", AAD_1)
+    db_conn.commit()
+    dek_id, wrapped = db_conn.execute("SELECT id, wrapped_key FROM data_keys WHERE subject = 'Patient/1'").fetchone()
+    from compliance.crypto import unwrap_dek
+
+    key = AESGCM(unwrap_dek(kek, "Patient/1", bytes(wrapped)))
+    plaintext = _signals_like(60)
+    header = bytes([FORMAT_V1]) + int(dek_id).to_bytes(8, "big")
+    nonce = os.urandom(NONCE_BYTES)
+    old_blob = header + nonce + key.encrypt(nonce, plaintext, header + AAD_1)
+    assert cipher.decrypt(db_conn, old_blob, AAD_1) == plaintext
+
+
+def test_version_byte_is_authenticated(db_conn: psycopg.Connection[Any], cipher: FieldCipher) -> None:
+    """Relabelling a compressed blob as plain (or the other way round) fails authentication: the
+    version is part of the AAD, so decompression never runs on anything the sealer did not write."""
+    packed = cipher.encrypt(db_conn, "Patient/1", _signals_like(60), AAD_1)
+    plain = cipher.encrypt(db_conn, "Patient/1", b"row one", AAD_1)
+    for blob, other in ((packed, FORMAT_V1), (plain, FORMAT_V2)):
+        with pytest.raises(CryptoError, match="authenticate"):
+            cipher.decrypt(db_conn, bytes([other]) + blob[1:], AAD_1)
+    with pytest.raises(CryptoError, match="version 3"):
+        cipher.decrypt(db_conn, bytes([3]) + packed[1:], AAD_1)
 
 
 def test_wrong_kek_cannot_unwrap(db_conn: psycopg.Connection[Any], cipher: FieldCipher) -> None:
