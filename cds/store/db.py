@@ -44,7 +44,34 @@ def start_embedded(pgdata: Path) -> str:
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     if pgdata not in _embedded:
         _embedded[pgdata] = get_server(pgdata)
+        _tune_embedded(str(_embedded[pgdata].get_uri()))
     return str(_embedded[pgdata].get_uri())
+
+
+# The embedded server's settings where PostgreSQL's defaults are sized for a small, idle database. At
+# 220 chat messages/s the pipeline writes ~3 MB/s of WAL; with the default max_wal_size (1 GB) that
+# forced a checkpoint every ~110 s, and the first change to each page after a checkpoint writes the
+# whole 8-kB page into the WAL again. Both settings take effect on reload (no restart); a server named by
+# CDS_DATABASE_URL is its DBA's to tune (README: "PostgreSQL settings").
+EMBEDDED_SETTINGS = {"max_wal_size": "4GB", "checkpoint_timeout": "15min"}
+
+
+def _tune_embedded(url: str) -> None:
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        def differ() -> list[str]:
+            return [name for name, value in EMBEDDED_SETTINGS.items()
+                    if conn.execute("SELECT current_setting(%s)", (name,)).fetchone() != (value,)]
+
+        todo = differ()
+        if not todo:
+            return
+        for name in todo:
+            conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name),
+                                                                     sql.Literal(EMBEDDED_SETTINGS[name])))
+        conn.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 5  # the reload is a signal: wait until it has been read
+        while differ() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def stop_embedded(pgdata: Path) -> None:
