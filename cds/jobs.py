@@ -107,7 +107,7 @@ def escalate_overdue(service: Service) -> int:
     from cds.alerts.workflow import escalate_overdue_alerts
 
     with service.pool.connection() as conn:
-        conn.autocommit = True  # each escalation commits on its own (see escalate_overdue_alerts)
+        conn.autocommit = True  # each batch of escalations commits on its own (see escalate_overdue_alerts)
         try:
             escalated = escalate_overdue_alerts(conn, service.cipher, service.settings, service.pipeline.clock())
         finally:

@@ -255,3 +255,40 @@ def test_two_actions_of_one_kind_open_and_join_one_alert_once(ehr: Any, clocked:
                              ).fetchone()[0]
     assert calls == [("risk", "stat", 5)] * 2
     assert again == [(alerts[0][0], "stat", alerts[0][3], 1)] and moves == 1
+
+
+def test_an_escalation_storm_is_escalated_in_batches_with_one_audit_append_each(
+        clocked: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """45 alerts nobody acknowledged fall due together: one job run escalates every one (its transition,
+    Task version and audit record), in batches of ESCALATION_BATCH that each take the audit chain's
+    append lock once, not once per alert (every other writer waits on that lock). Counts the real
+    appends; nothing is mocked."""
+    from cds.alerts import raise_alert
+    from cds.alerts.workflow import ESCALATION_BATCH
+    from cds.domain import RiskTier
+    from compliance import audit
+
+    n = 45
+    with clocked.pool.connection() as conn:
+        for i in range(n):
+            raise_alert(conn, patient_ref=f"Patient/storm-{i}", kind="risk", tier=RiskTier.HIGH, priority="asap",
+                        reason="test", assessment_id=None, sla_minutes=15, now=clock.now)
+        conn.commit()
+    appends: list[int] = []
+    real_append = audit._append
+    monkeypatch.setattr(audit, "_append", lambda conn, records: appends.append(
+        sum(r.event_type == "alert.escalate" for r in records)) or real_append(conn, records))
+    clock.advance(minutes=16)
+    assert escalate_overdue(clocked) == n
+    # (the write-backs delivered after it append their own fhir.write records)
+    assert [k for k in appends if k] == [ESCALATION_BATCH, ESCALATION_BATCH, n - 2 * ESCALATION_BATCH]
+    with clocked.pool.connection() as conn:
+        rows = conn.execute("SELECT status, escalation_level, task_version FROM alerts"
+                            " WHERE patient_ref LIKE 'Patient/storm-%'").fetchall()
+        assert rows and all(r == ("escalated", 1, 2) for r in rows) and len(rows) == n
+        logged = conn.execute("SELECT count(*) FROM audit_log WHERE event_type = 'alert.escalate'"
+                              " AND patient_ref LIKE 'Patient/storm-%'").fetchone()[0]
+        assert logged == n
+        assert audit.verify(conn).ok
+        conn.rollback()
+    assert escalate_overdue(clocked) == 0  # nothing left due
