@@ -288,6 +288,31 @@ class _Prepared:
     purpose: str | None
     entity_n: Any
     detail_n: Any
+    # Made before the append lock is taken, so that under it a record costs a few string joins and one
+    # SHA-256: the record's canonical JSON around the three fields the chain decides (prev_hash,
+    # recorded_at, seq; see _chained), and entity / detail as the INSERT sends them.
+    head: str
+    middle: str
+    entity_json: str | None
+    detail_json: str | None
+
+
+def _fragments(event_type: str, action: str, outcome: int, actor: str, role: str | None, patient_ref: str | None,
+               purpose: str | None, entity_n: Any, detail_n: Any) -> tuple[str, str]:
+    """The canonical JSON of a record (``canonical_bytes(_hash_fields(...))``) is, with its keys sorted,
+    ``head`` + "prev_hash" + ``middle`` + "recorded_at" + "seq": every key before "prev_hash" goes in
+    ``head``, "purpose" in ``middle``. Each value encodes the same alone as inside the whole object."""
+    before = _CANONICAL.encode({"action": action, "actor": actor, "actor_role": role, "detail": detail_n,
+                                "entity": entity_n, "event_type": event_type, "outcome": outcome,
+                                "patient_ref": patient_ref})
+    return before[:-1] + ",", '"purpose":' + _CANONICAL.encode(purpose) + ","
+
+
+def _chained(r: _Prepared, seq: int, recorded_at: str, prev_hash: str) -> str:
+    """``record_hash(_hash_fields(...))`` of a prepared record, from its fragments. ``prev_hash`` is hex and
+    ``recorded_at`` is format_ts's digits and separators: neither needs JSON escaping."""
+    text = f'{r.head}"prev_hash":"{prev_hash}",{r.middle}"recorded_at":"{recorded_at}","seq":{seq}}}'
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _prepare(*, event_type: str, action: str, actor: str, role: str | None = None, patient_ref: str | None = None,
@@ -312,7 +337,10 @@ def _prepare(*, event_type: str, action: str, actor: str, role: str | None = Non
         raise ValueError("audit values must be valid Unicode text") from exc
     if _ESCAPED_NUL_RE.search(text):
         raise ValueError("audit values must not contain NUL characters")
-    return _Prepared(event_type, action, outcome, actor, role, patient_ref, purpose, entity_n, detail_n)
+    head, middle = _fragments(event_type, action, outcome, actor, role, patient_ref, purpose, entity_n, detail_n)
+    return _Prepared(event_type, action, outcome, actor, role, patient_ref, purpose, entity_n, detail_n, head, middle,
+                     None if entity_n is None else json.dumps(entity_n, ensure_ascii=False),
+                     None if detail_n is None else json.dumps(detail_n, ensure_ascii=False))
 
 
 def own_transaction(conn: psycopg.Connection[Any]) -> AbstractContextManager[Any]:
@@ -337,13 +365,12 @@ def _append(conn: psycopg.Connection[Any], records: Sequence[_Prepared]) -> int:
     seq = int(row[1]) if row[1] is not None else 0
     prev_hash = str(row[2]) if row[2] is not None else GENESIS_HASH
     rows = []
+    stamp = format_ts(recorded_at)
     for r in records:
         seq += 1
-        digest = record_hash(_hash_fields(seq, format_ts(recorded_at), r.event_type, r.action, r.outcome, r.actor,
-                                          r.role, r.patient_ref, r.purpose, r.entity_n, r.detail_n, prev_hash))
+        digest = _chained(r, seq, stamp, prev_hash)
         rows.append((seq, recorded_at, r.event_type, r.action, r.outcome, r.actor, r.role, r.patient_ref, r.purpose,
-                     None if r.entity_n is None else json.dumps(r.entity_n, ensure_ascii=False),
-                     None if r.detail_n is None else json.dumps(r.detail_n, ensure_ascii=False), prev_hash, digest))
+                     r.entity_json, r.detail_json, prev_hash, digest))
         prev_hash = digest
     with conn.cursor() as cur:
         cur.executemany(

@@ -399,3 +399,33 @@ def test_a_batch_is_chained_in_order_and_refused_whole_when_one_record_is_bad(ch
         result = audit.verify(conn)
     assert rows == [(11 + i, f"Patient/b{i}") for i in range(5)]
     assert result.ok and result.checked == 15
+
+
+optional_text = st.none() | unicode_text.filter(lambda t: "\\u0000" not in t)
+json_objects = st.none() | st.dictionaries(st.sampled_from(["what", "id", "名", "a\"b", "z"]), json_values, max_size=4)
+
+
+@given(event_type=st.sampled_from(["rest.read", "assessment", "alert.open", "event.received"]),
+       action=st.sampled_from(sorted(audit.ACTIONS)), outcome=st.sampled_from(sorted(audit.OUTCOMES)),
+       actor=unicode_text.filter(lambda t: bool(t) and "\\u0000" not in t), role=optional_text,
+       patient_ref=optional_text, purpose=optional_text, entity=json_objects, detail=json_objects,
+       seq=st.integers(min_value=1, max_value=2**62), prev=st.text("0123456789abcdef", min_size=64, max_size=64),
+       micros=st.integers(min_value=0, max_value=10**15))
+@hypothesis_settings(max_examples=300, deadline=None)
+def test_hash_from_fragments_is_the_documented_canonical_hash(
+        event_type: str, action: str, outcome: int, actor: str, role: str | None, patient_ref: str | None,
+        purpose: str | None, entity: dict[str, Any] | None, detail: dict[str, Any] | None, seq: int, prev: str,
+        micros: int) -> None:
+    """Appends hash each record from fragments made before the append lock; the result must be the hash
+    of the documented canonical JSON of the whole record, whatever the values."""
+    from datetime import UTC, datetime, timedelta
+
+    try:
+        r = audit._prepare(event_type=event_type, action=action, actor=actor, role=role, patient_ref=patient_ref,
+                           purpose=purpose, outcome=outcome, entity=entity, detail=detail)
+    except ValueError:
+        return  # refused before any hashing (PHI keys, NUL): nothing is chained
+    stamp = audit.format_ts(datetime(2026, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros))
+    expected = audit.record_hash(audit._hash_fields(seq, stamp, event_type, action, outcome, actor, role,
+                                                    patient_ref, purpose, r.entity_n, r.detail_n, prev))
+    assert audit._chained(r, seq, stamp, prev) == expected
