@@ -193,6 +193,11 @@ class _Dek:
     loaded: float
 
 
+def _lifetime(dek_id: int) -> float:
+    """A key's cache lifetime as a fraction of the TTL, in [0.75, 1.0), spread evenly over the ids."""
+    return 0.75 + 0.25 * ((dek_id * 2654435761) % 4096) / 4096
+
+
 class FieldCipher:
     """Encrypts and decrypts PHI column values with per-subject data keys (see module docstring).
 
@@ -205,8 +210,12 @@ class FieldCipher:
       leave data encrypted under a key that does not exist.
 
     Erasure and rotation in this process evict entries at once (every FieldCipher registers
-    itself); entries expire after ``ttl_s`` so that an erasure made by another process takes effect
-    here within that time.
+    itself); entries expire after ``ttl_s`` at most so that an erasure made by another process takes
+    effect here within that time. Each key's lifetime is between 3/4 of ``ttl_s`` and all of it, set by
+    its id (``_lifetime``): keys loaded together (a ward's patients in the first seconds of a stream)
+    would otherwise all expire together and be read again in one burst each minute, a query in the
+    middle of each event's transaction (the bench day: 4,500 reloads in one 30-s window, 1,200 in the
+    next, the slow windows' p99 twice the others').
     """
 
     def __init__(self, kek: Kek, *, old_keks: Sequence[Kek] = (), cache_size: int = 4096,
@@ -228,7 +237,7 @@ class FieldCipher:
             dek = table.get(key)
             if dek is None:
                 return None
-            if time.monotonic() - dek.loaded > self._ttl_s:
+            if time.monotonic() - dek.loaded > self._ttl_s * _lifetime(dek.id):
                 del table[key]
                 return None
             table.move_to_end(key)

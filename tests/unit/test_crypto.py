@@ -333,3 +333,17 @@ def test_old_keks_load_from_a_path_list(tmp_path: Path) -> None:
     assert load_old_keks(env) == [a, b]
     assert load_kek_file(tmp_path / "a.key") == a
     assert load_old_keks({}) == []
+
+
+def test_cached_keys_expire_within_the_ttl_but_not_all_together() -> None:
+    """Keys loaded in the same second must not all be read again in the same second a TTL later; none
+    may outlive the TTL (an erasure by another process takes effect within it)."""
+    from compliance.crypto import _lifetime
+
+    lifetimes = [_lifetime(i) for i in range(1, 2001)]
+    assert all(0.75 <= f < 1.0 for f in lifetimes)
+    # spread over the whole quarter: no 1/40 of it holds more than 5% of 2,000 consecutive ids
+    buckets = [0] * 40
+    for f in lifetimes:
+        buckets[int((f - 0.75) * 160)] += 1
+    assert max(buckets) <= 100 and min(buckets) > 0
