@@ -43,35 +43,48 @@ def start_embedded(pgdata: Path) -> str:
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     if pgdata not in _embedded:
-        _embedded[pgdata] = get_server(pgdata)
-        _tune_embedded(str(_embedded[pgdata].get_uri()))
+        fresh = not (pgdata / "PG_VERSION").exists()
+        server = get_server(pgdata)
+        if _tune_embedded(str(server.get_uri())) and fresh:
+            # A setting that needs a restart (shared_buffers): this process made the data folder just now
+            # and is its only user, so it restarts the server once. Otherwise it applies at the next start.
+            server._cleanup()
+            server = get_server(pgdata)
+        _embedded[pgdata] = server
     return str(_embedded[pgdata].get_uri())
 
 
 # The embedded server's settings where PostgreSQL's defaults are sized for a small, idle database. At
 # 220 chat messages/s the pipeline writes ~3 MB/s of WAL; with the default max_wal_size (1 GB) that
 # forced a checkpoint every ~110 s, and the first change to each page after a checkpoint writes the
-# whole 8-kB page into the WAL again. Both settings take effect on reload (no restart); a server named by
-# CDS_DATABASE_URL is its DBA's to tune (README: "PostgreSQL settings").
-EMBEDDED_SETTINGS = {"max_wal_size": "4GB", "checkpoint_timeout": "15min"}
+# whole 8-kB page into the WAL again. With the default shared_buffers (128 MB, about a minute of the
+# bench day's writes), reads from outside PostgreSQL's cache rose to 3,000-6,000 blocks/s within five
+# minutes, and a patient's last 8 messages (the conversation the model reads) cost 0.48 ms to fetch
+# instead of 0.2. max_wal_size and checkpoint_timeout take effect on reload; shared_buffers at the next
+# start. A server named by CDS_DATABASE_URL is its DBA's to tune (README: "PostgreSQL settings").
+EMBEDDED_SETTINGS = {"max_wal_size": "4GB", "checkpoint_timeout": "15min", "shared_buffers": "512MB"}
 
 
-def _tune_embedded(url: str) -> None:
+def _tune_embedded(url: str) -> bool:
+    """Write EMBEDDED_SETTINGS where they differ and reload; True if one of them waits for a restart."""
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-        def differ() -> list[str]:
-            return [name for name, value in EMBEDDED_SETTINGS.items()
-                    if conn.execute("SELECT current_setting(%s)", (name,)).fetchone() != (value,)]
+        def current() -> dict[str, tuple[str, str]]:
+            rows = conn.execute("SELECT name, current_setting(name), context FROM pg_settings WHERE name = ANY(%s)",
+                                (list(EMBEDDED_SETTINGS),)).fetchall()
+            return {str(r[0]): (str(r[1]), str(r[2])) for r in rows}
 
-        todo = differ()
+        todo = {name: context for name, (value, context) in current().items() if value != EMBEDDED_SETTINGS[name]}
         if not todo:
-            return
+            return False
         for name in todo:
             conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name),
                                                                      sql.Literal(EMBEDDED_SETTINGS[name])))
         conn.execute("SELECT pg_reload_conf()")
+        reloadable = [name for name, context in todo.items() if context != "postmaster"]
         deadline = time.monotonic() + 5  # the reload is a signal: wait until it has been read
-        while differ() and time.monotonic() < deadline:
+        while time.monotonic() < deadline and any(current()[n][0] != EMBEDDED_SETTINGS[n] for n in reloadable):
             time.sleep(0.05)
+        return any(context == "postmaster" for context in todo.values())
 
 
 def stop_embedded(pgdata: Path) -> None:
