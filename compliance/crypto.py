@@ -18,7 +18,7 @@ Blob layout::
 
 Version 0x01 seals the plaintext as it is; 0x02 seals its zlib stream (RFC 1950), written when the
 plaintext is at least ``COMPRESS_MIN_BYTES`` long and compression saves an eighth or more. An
-assessment's signals (evidence spans of a whole conversation, ~7 KB of repetitive JSON) seal to ~0.8 KB
+assessment's signals (evidence spans of a whole conversation, ~7 KB of repetitive JSON) seal to ~0.7 KB
 instead of ~7 KB: the row stays inline instead of going to TOAST, and PostgreSQL writes that much less
 table and WAL per message. The version byte is authenticated (it is in the AAD), so a blob cannot be
 relabelled from one version to the other, and decompression only ever runs on authenticated data.
