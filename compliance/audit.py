@@ -286,8 +286,6 @@ class _Prepared:
     role: str | None
     patient_ref: str | None
     purpose: str | None
-    entity_n: Any
-    detail_n: Any
     # Made before the append lock is taken, so that under it a record costs a few string joins and one
     # SHA-256: the record's canonical JSON around the three fields the chain decides (prev_hash,
     # recorded_at, seq; see _chained), and entity / detail as the INSERT sends them.
@@ -331,14 +329,14 @@ def _prepare(*, event_type: str, action: str, actor: str, role: str | None = Non
     _check_no_phi(detail, "detail")
     entity_n = normalise_json(entity)
     detail_n = normalise_json(detail)
-    try:  # lone surrogates, NUL
-        text = canonical_bytes({"e": entity_n, "d": detail_n, "s": [event_type, actor, role, patient_ref, purpose]})
+    head, middle = _fragments(event_type, action, outcome, actor, role, patient_ref, purpose, entity_n, detail_n)
+    try:  # lone surrogates, NUL: the fragments hold every text value of the record, canonically encoded
+        text = (head + middle).encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError("audit values must be valid Unicode text") from exc
     if _ESCAPED_NUL_RE.search(text):
         raise ValueError("audit values must not contain NUL characters")
-    head, middle = _fragments(event_type, action, outcome, actor, role, patient_ref, purpose, entity_n, detail_n)
-    return _Prepared(event_type, action, outcome, actor, role, patient_ref, purpose, entity_n, detail_n, head, middle,
+    return _Prepared(event_type, action, outcome, actor, role, patient_ref, purpose, head, middle,
                      None if entity_n is None else json.dumps(entity_n, ensure_ascii=False),
                      None if detail_n is None else json.dumps(detail_n, ensure_ascii=False))
 

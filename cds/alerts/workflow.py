@@ -89,8 +89,8 @@ def escalate_alert(conn: psycopg.Connection[Any], cipher: Cipher, settings: Sett
 # day: 400 a minute from its 5th minute, as every first alert passed its deadline). One at a time, each
 # took the audit chain's append lock and a commit of its own, and every other writer (the pipeline's
 # batches, the intake of notifications) queued behind them: waits on that lock went from 0.1 to 2.5-3 ms
-# a call, and the p99 of 30-s windows from ~1 s to 2.5-4 s. A batch takes it once; it holds its alerts' rows for its few
-# milliseconds, and a pipeline batch that wants to raise one of them waits that long.
+# a call, and the p99 of 30-s windows from ~1 s to 2.5-4 s. A batch takes it once; it holds its alerts'
+# rows for its few milliseconds, and a pipeline batch that wants to raise one of them waits that long.
 ESCALATION_BATCH = 20
 
 

@@ -1,5 +1,6 @@
 """The embedded PostgreSQL the project starts (`make demo`, `make bench`, `cds serve` without
-CDS_DATABASE_URL) carries the WAL settings a chat-rate write load needs, on first start and after."""
+CDS_DATABASE_URL) carries the WAL and cache settings a chat-rate write load needs, on first start and
+after."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def test_embedded_server_is_tuned_for_a_steady_write_load(tmp_path: Path) -> Non
     names = sorted(EMBEDDED_SETTINGS)
     try:
         url = start_embedded(pgdata)
-        assert _settings(url, names) == EMBEDDED_SETTINGS  # PostgreSQL's defaults are 1GB and 5min
+        assert _settings(url, names) == EMBEDDED_SETTINGS  # PostgreSQL's defaults: 1GB, 5min, 128MB
         stop_embedded(pgdata)
         # kept in postgresql.auto.conf: a restart starts with them (and start_embedded changes nothing)
         auto_conf = (pgdata / "postgresql.auto.conf").read_text()

@@ -427,5 +427,6 @@ def test_hash_from_fragments_is_the_documented_canonical_hash(
         return  # refused before any hashing (PHI keys, NUL): nothing is chained
     stamp = audit.format_ts(datetime(2026, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros))
     expected = audit.record_hash(audit._hash_fields(seq, stamp, event_type, action, outcome, actor, role,
-                                                    patient_ref, purpose, r.entity_n, r.detail_n, prev))
+                                                    patient_ref, purpose, audit.normalise_json(entity),
+                                                    audit.normalise_json(detail), prev))
     assert audit._chained(r, seq, stamp, prev) == expected
