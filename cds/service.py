@@ -4,6 +4,7 @@ pipeline and FHIR client. ``cds serve``, ``cds worker`` and the tests all build 
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,7 @@ from psycopg_pool import ConnectionPool
 
 from cds.pipeline import Clock, Engines, Pipeline, utcnow
 from cds.settings import Settings
-from cds.store import db
+from cds.store import db, replica
 from integrations.fhir.client import FhirClient
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class Service:
     pipeline: Pipeline
     fhir: FhirClient
     extras: dict[str, Any] = field(default_factory=dict)
+    read_pool: ConnectionPool | None = None  # the streaming replica the pages read (CDS_DATABASE_READ_URL)
 
     @classmethod
     def start(cls, settings: Settings, *, migrate: bool = True, pool_size: int = 8,
@@ -47,9 +49,17 @@ class Service:
 
         pipeline = Pipeline(pool, cipher, engines, settings, clock=clock,
                             history_source=lambda refs: fetch_histories(fhir, refs))
-        return cls(settings, url, pool, cipher, engines, pipeline, fhir)
+        read_pool = replica.open_read_pool(settings.database_read_url) if settings.database_read_url else None
+        return cls(settings, url, pool, cipher, engines, pipeline, fhir, read_pool=read_pool)
+
+    def reading(self, primary: Any) -> AbstractContextManager[tuple[Any, replica.ReadSource]]:
+        """A connection for a page's reads, on the replica when it has caught up with ``primary`` (the
+        connection the page writes on), else ``primary`` itself: see cds.store.replica."""
+        return replica.read_connection(primary, self.read_pool, self.settings.read_replica_wait_s)
 
     def close(self) -> None:
+        if self.read_pool is not None:
+            self.read_pool.close()
         self.pool.close()
 
 

@@ -103,6 +103,9 @@ class Settings:
     audit_export_max_lag_s: int = AUDIT_EXPORT_MAX_LAG_S  # the EHR's audit copy trailing longer raises an alarm
     gc_freeze_s: float = 10.0  # long-running processes freeze GC survivors this often (cds.gc_pacing; 0 = off)
     gc_sweep_s: float = 3600.0  # ... and run one full collection this often
+    # -- a streaming replica for the pages' reads (cds.store.replica); None = everything on the primary --------
+    database_read_url: str | None = None
+    read_replica_wait_s: float = 0.5  # how long a page waits for the replica to catch up before reading the primary
     # -- SMART App Launch (EHR launch) and OpenID Connect single sign-on: see cds.web.smart_launch -------
     smart_issuers: tuple[str, ...] = ()  # FHIR bases allowed as launch `iss`; from_env defaults to fhir_base_url
     smart_client_id: str | None = None  # None = /smart/launch answers that SMART launch is not set up
@@ -171,6 +174,8 @@ class Settings:
             audit_export_max_lag_s=_int(env, "CDS_AUDIT_EXPORT_MAX_LAG_S", AUDIT_EXPORT_MAX_LAG_S, 1),
             gc_freeze_s=_float(env, "CDS_GC_FREEZE_S", 10.0),
             gc_sweep_s=_float(env, "CDS_GC_SWEEP_S", 3600.0),
+            database_read_url=env.get("CDS_DATABASE_READ_URL") or None,
+            read_replica_wait_s=_float(env, "CDS_READ_REPLICA_WAIT_S", 0.5),
             smart_issuers=_urls(env, "CDS_SMART_ISSUERS") or (fhir,),
             smart_client_id=env.get("CDS_SMART_CLIENT_ID") or None,
             smart_client_secret=env.get("CDS_SMART_CLIENT_SECRET") or None,

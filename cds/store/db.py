@@ -139,13 +139,18 @@ def _check_if_idle(conn: psycopg.Connection[Any]) -> None:
         ConnectionPool.check_connection(conn)
 
 
-def open_pool(url: str, *, min_size: int = 1, max_size: int = 8, name: str = "cds") -> ConnectionPool:
+def open_pool(url: str, *, min_size: int = 1, max_size: int = 8, name: str = "cds", wait: bool = True,
+              connect_timeout: int = 10) -> ConnectionPool:
+    """``wait``: fail now if the server cannot be reached (else connect in the background)."""
     pool: ConnectionPool = ConnectionPool(
         url, min_size=min_size, max_size=max_size, configure=_configure, name=name, open=False,
-        kwargs={"connect_timeout": 10}, check=_check_if_idle, reset=_returned,
+        kwargs={"connect_timeout": connect_timeout}, check=_check_if_idle, reset=_returned,
         reconnect_timeout=60,
     )
-    pool.open(wait=True, timeout=30)
+    if wait:
+        pool.open(wait=True, timeout=30)
+    else:
+        pool.open(wait=False)
     return pool
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
+import psycopg
 from flask import Flask
 
 from cds.service import Service
 from cds.settings import Settings
+from cds.store.replica import ReadSource
 from cds.web.json_bodies import StorableJSONProvider
 
 
@@ -58,6 +61,15 @@ def create_app(service: Service | None = None, test_config: Mapping[str, Any] | 
     app.register_blueprint(audit_pages.bp)
     app.register_blueprint(smart_launch.bp)
 
+    @app.after_request
+    def _say_read_source(response: Any) -> Any:
+        from flask import g
+
+        source = g.get("read_source")
+        if source is not None:
+            response.headers[READ_SOURCE_HEADER] = source.name
+        return response
+
     @app.get("/")
     def index() -> Any:
         """Each role lands on its own page."""
@@ -77,3 +89,24 @@ def service() -> Service:
 
     svc: Service = current_app.extensions["cds"]
     return svc
+
+
+READ_SOURCE_HEADER = "X-CDS-Read-Source"  # "replica" or "primary": where the page's patient data was read
+
+
+@contextmanager
+def page_reads(conn: psycopg.Connection[Any]) -> Iterator[tuple[psycopg.Connection[Any], ReadSource]]:
+    """``Service.reading`` for a page: the connection its reads go to (the replica when one is configured
+    and caught up, else ``conn``), remembered for the response header."""
+    from flask import g
+
+    with service().reading(conn) as (reads, source):
+        g.read_source = source
+        yield reads, source
+
+
+def read_detail(source: ReadSource) -> dict[str, Any]:
+    """Where a page's data was read, for its audit record; nothing where no replica is configured."""
+    if not source.replica_configured:
+        return {}
+    return {"read_from": source.name, **({"replica_skipped": source.reason} if source.reason else {})}

@@ -17,7 +17,7 @@ import psycopg
 from flask import Blueprint, Response, render_template, request
 
 from cds.errors import InputError, NotFoundError
-from cds.web import auth, service
+from cds.web import auth, page_reads, read_detail, service
 from cds.web.dashboard import user_tz
 from compliance.ehr_export import export_status
 
@@ -107,18 +107,20 @@ def search() -> Any:
     start, end = flt.range(user_tz())
     user = _user()
     with service().pool.connection() as conn:
-        records = audit.search(conn, from_ts=start, to_ts=end, patient_ref=flt.patient or None,
-                               actor=flt.actor or None, event_type=flt.event_type or None, before_seq=before,
-                               limit=PAGE_SIZE + 1)
-        more = len(records) > PAGE_SIZE
-        records = records[:PAGE_SIZE]
-        cover = checkpoint_cover(conn, [r.seq for r in records])
-        last_cp = conn.execute("SELECT seq, signed_at FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
-        export = export_status(conn)  # its head_seq is the chain's head (0: no record yet)
+        with page_reads(conn) as (reads, source):
+            records = audit.search(reads, from_ts=start, to_ts=end, patient_ref=flt.patient or None,
+                                   actor=flt.actor or None, event_type=flt.event_type or None, before_seq=before,
+                                   limit=PAGE_SIZE + 1)
+            more = len(records) > PAGE_SIZE
+            records = records[:PAGE_SIZE]
+            cover = checkpoint_cover(reads, [r.seq for r in records])
+            last_cp = reads.execute(
+                "SELECT seq, signed_at FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
+            export = export_status(reads)  # its head_seq is the chain's head (0: no record yet)
         audit.record(conn, event_type="rest.search", action="E", actor=user.actor, role=user.role,
                      purpose="HOPERAT", entity={"what": "audit_log", "count": len(records)},
                      detail={"page": "/audit", "patient_filter": bool(flt.patient), "actor": flt.actor or None,
-                             "type": flt.event_type or None, "before": before})
+                             "type": flt.event_type or None, "before": before, **read_detail(source)})
         conn.commit()
     return render_template("audit.html", records=records, cover=cover, flt=flt, before=before, more=more,
                            head=export.head_seq or None, last_cp=last_cp, export=export,
@@ -157,11 +159,14 @@ def verify() -> Any:
 
     user = _user()
     with service().pool.connection() as conn:
-        result = audit.verify(conn)
+        # On a replica it is the same chain, byte for byte, replayed at least up to this request.
+        with page_reads(conn) as (reads, source):
+            result = audit.verify(reads)
         audit.record(conn, event_type="audit.verify", action="E", actor=user.actor, role=user.role,
                      purpose="HOPERAT", outcome=0 if result.ok else 8,
                      detail={"ok": result.ok, "checked": result.checked, "first_bad_seq": result.first_bad_seq,
-                             "checkpoints_ok": result.checkpoints_ok, "trusted_keys": "database"})
+                             "checkpoints_ok": result.checkpoints_ok, "trusted_keys": "database",
+                             **read_detail(source)})
         conn.commit()
     return render_template("audit_verify.html", result=result, verified_at=datetime.now(UTC)), \
         (200 if result.ok else 409)
@@ -177,22 +182,24 @@ def _export(fmt: str) -> Response:
     start, end = flt.range(user_tz())
     user = _user()
     with service().pool.connection() as conn:
-        if fmt == "fhir":
-            import json
+        with page_reads(conn) as (reads, source):
+            if fmt == "fhir":
+                import json
 
-            bundle = export.export_fhir_bundle(conn, start, end, flt.patient or None)
-            body = json.dumps(bundle, ensure_ascii=False)
-            count = len(bundle["entry"])
-            mimetype, ext = "application/fhir+json", "json"
-        else:
-            body = export.export_csv(conn, start, end, flt.patient or None)
-            count = max(0, body.count("\r\n") - 1)
-            mimetype, ext = "text/csv", "csv"
-        conn.commit()  # end the export's read before the audit append takes its lock
+                bundle = export.export_fhir_bundle(reads, start, end, flt.patient or None)
+                body = json.dumps(bundle, ensure_ascii=False)
+                count = len(bundle["entry"])
+                mimetype, ext = "application/fhir+json", "json"
+            else:
+                body = export.export_csv(reads, start, end, flt.patient or None)
+                count = max(0, body.count("\r\n") - 1)
+                mimetype, ext = "text/csv", "csv"
+        conn.commit()  # end the export's read (when it was on the primary) before the audit append takes its lock
         audit.record(conn, event_type="export", action="R", actor=user.actor, role=user.role, purpose="HOPERAT",
                      patient_ref=flt.patient or None,
                      entity={"what": "audit_log", "count": count, "format": fmt},
-                     detail={"from": start.isoformat() if start else None, "to": end.isoformat() if end else None})
+                     detail={"from": start.isoformat() if start else None, "to": end.isoformat() if end else None,
+                             **read_detail(source)})
         conn.commit()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return Response(body, mimetype=mimetype, headers={

@@ -22,7 +22,7 @@ from cds.domain import Event, RiskTier
 from cds.errors import CryptoError, ForbiddenError, InputError, NotFoundError
 from cds.store.cipher import Cipher, open_json
 from cds.store.events import CONTEXT_MESSAGES, event_aad
-from cds.web import auth, service
+from cds.web import auth, page_reads, read_detail, service
 from cds.web.charts import GAD7_BANDS, PHQ9_BANDS, Point, trend_svg
 from cds.web.i18n import MESSAGES, locale, t
 from cds.web.report import (
@@ -164,13 +164,14 @@ def patients() -> Any:
     now = datetime.now(UTC)
     flt = _filter_from_request(now)
     with service().pool.connection() as conn:
-        rows = visible_patients(conn, user, now, flt)
-        wards = visible_wards(conn, user)
+        with page_reads(conn) as (reads, source):
+            rows = visible_patients(reads, user, now, flt)
+            wards = visible_wards(reads, user)
         audit.record(conn, event_type="rest.search", action="E", actor=user.actor, role=user.role, purpose="TREAT",
                      entity={"what": "patients", "count": len(rows)},
                      detail={"page": "/dashboard", "ward": flt.ward, "min_tier": flt.min_tier.label if flt.min_tier
                              is not None else None, "unacknowledged": flt.unacknowledged,
-                             "changed_today": flt.changed_since is not None})
+                             "changed_today": flt.changed_since is not None, **read_detail(source)})
         conn.commit()
     return render_template("dashboard.html", rows=rows, wards=wards, flt=flt, tiers=[t_.label for t_ in RiskTier],
                            now=now)
@@ -313,20 +314,22 @@ def patient(patient_ref: str) -> Any:
     user = _user()
     svc = service()
     with svc.pool.connection() as conn:
-        denied = _check_access(conn, user, patient_ref)
+        denied = _check_access(conn, user, patient_ref)  # who may see whom: decided on the primary
         if denied is not None:
             return denied
-        ward, tier, tier_since, _updated = _patient_row(conn, patient_ref)
-        views = load_assessments(conn, svc.cipher, patient_ref)
-        transcript = load_transcript(conn, svc.cipher, patient_ref, views)
-        open_alerts = conn.execute(
-            "SELECT id, kind, status, priority, tier, created_at, due_at, reason FROM alerts"
-            " WHERE patient_ref = %s AND status <> 'resolved' ORDER BY created_at DESC", (patient_ref,)).fetchall()
+        with page_reads(conn) as (reads, source):
+            ward, tier, tier_since, _updated = _patient_row(reads, patient_ref)
+            views = load_assessments(reads, svc.cipher, patient_ref)
+            transcript = load_transcript(reads, svc.cipher, patient_ref, views)
+            open_alerts = reads.execute(
+                "SELECT id, kind, status, priority, tier, created_at, due_at, reason FROM alerts"
+                " WHERE patient_ref = %s AND status <> 'resolved' ORDER BY created_at DESC",
+                (patient_ref,)).fetchall()
         audit.record(conn, event_type="rest.read", action="R", actor=user.actor, role=user.role,
                      patient_ref=patient_ref, purpose="TREAT" if _ward_access(user, ward) else "ETREAT", outcome=0,
                      entity={"what": patient_ref, "assessments": len(views),
                              "messages": len(transcript)},
-                     detail={"page": "dashboard.patient"})
+                     detail={"page": "dashboard.patient", **read_detail(source)})
         conn.commit()
     return render_template("patient.html", patient_ref=patient_ref, ward=ward, tier=RiskTier(int(tier)),
                            tier_since=tier_since, views=views, charts=trend_charts(views), transcript=transcript,
