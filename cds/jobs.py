@@ -88,15 +88,21 @@ def assess_pending(service: Service) -> int:
 def poll_and_assess(service: Service) -> int:
     """The worker's latency-critical job: read new input from the EHR and assess it at once.
     Delivery runs as its own job, so a slow EHR write never delays the next poll."""
-    poll_all(service.pool, service.fhir, service.pipeline, page_size=service.settings.poll_page_size,
-             overlap_s=service.settings.poll_overlap_s)
+    poll_feeds(service)
     return assess_pending(service)
+
+
+def poll_feeds(service: Service) -> list[Any]:
+    """One poll of every EHR feed, as the settings say (page size, overlap, full re-read interval)."""
+    s = service.settings
+    return poll_all(service.pool, service.fhir, service.pipeline, page_size=s.poll_page_size,
+                    overlap_s=s.poll_overlap_s, recent_overlap_s=s.poll_recent_overlap_s,
+                    reconcile_s=s.poll_reconcile_s)
 
 
 def ingest_cycle(service: Service) -> dict[str, int]:
     """Poll every feed, assess what arrived, deliver the write-backs: one synchronous round (tests, CLI)."""
-    polled = poll_all(service.pool, service.fhir, service.pipeline, page_size=service.settings.poll_page_size,
-                      overlap_s=service.settings.poll_overlap_s)
+    polled = poll_feeds(service)
     processed = process_pending_events(service)
     sent = deliver_outbox(service)
     return {"ingested": sum(p.ingested for p in polled), "processed": processed, "sent": sent}

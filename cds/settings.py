@@ -103,6 +103,9 @@ class Settings:
     audit_export_max_lag_s: int = AUDIT_EXPORT_MAX_LAG_S  # the EHR's audit copy trailing longer raises an alarm
     gc_freeze_s: float = 10.0  # long-running processes freeze GC survivors this often (cds.gc_pacing; 0 = off)
     gc_sweep_s: float = 3600.0  # ... and run one full collection this often
+    # -- polling: how often a poll re-reads the whole overlap, and what the polls in between re-read ------
+    poll_reconcile_s: float = 10.0
+    poll_recent_overlap_s: float = 1.0
     # -- a streaming replica for the pages' reads (cds.store.replica); None = everything on the primary --------
     database_read_url: str | None = None
     read_replica_wait_s: float = 0.5  # how long a page waits for the replica to catch up before reading the primary
@@ -174,6 +177,8 @@ class Settings:
             audit_export_max_lag_s=_int(env, "CDS_AUDIT_EXPORT_MAX_LAG_S", AUDIT_EXPORT_MAX_LAG_S, 1),
             gc_freeze_s=_float(env, "CDS_GC_FREEZE_S", 10.0),
             gc_sweep_s=_float(env, "CDS_GC_SWEEP_S", 3600.0),
+            poll_reconcile_s=max(0.0, _float(env, "CDS_POLL_RECONCILE_S", 10.0)),
+            poll_recent_overlap_s=max(0.0, _float(env, "CDS_POLL_RECENT_OVERLAP_S", 1.0)),
             database_read_url=env.get("CDS_DATABASE_READ_URL") or None,
             read_replica_wait_s=_float(env, "CDS_READ_REPLICA_WAIT_S", 0.5),
             smart_issuers=_urls(env, "CDS_SMART_ISSUERS") or (fhir,),

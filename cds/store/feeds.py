@@ -18,22 +18,30 @@ class FeedState:
     last_event_at: datetime | None
     consecutive_failures: int
     last_error: str | None
+    reconcile_due: bool = True  # lock_feed: the whole overlap window is to be read again this time
 
 
-def lock_feed(conn: psycopg.Connection[Any], name: str) -> FeedState | None:
-    """Row-lock the feed for this transaction; None when another node is polling it right now."""
+_COLUMNS = "name, watermark, last_poll_at, last_success_at, last_event_at, consecutive_failures, last_error"
+
+
+def lock_feed(conn: psycopg.Connection[Any], name: str, reconcile_s: float = 0.0) -> FeedState | None:
+    """Row-lock the feed for this transaction; None when another node is polling it right now.
+    ``reconcile_due`` says whether its last full re-read is at least ``reconcile_s`` old (database time)."""
     conn.execute("INSERT INTO feeds (name) VALUES (%s) ON CONFLICT DO NOTHING", (name,))
-    row = conn.execute("SELECT name, watermark, last_poll_at, last_success_at, last_event_at,"
-                       " consecutive_failures, last_error FROM feeds WHERE name = %s FOR UPDATE SKIP LOCKED",
-                       (name,)).fetchone()
+    row = conn.execute(f"SELECT {_COLUMNS}, reconciled_at IS NULL OR reconciled_at <= now() - make_interval("
+                       "secs => %s) FROM feeds WHERE name = %s FOR UPDATE SKIP LOCKED",
+                       (reconcile_s, name)).fetchone()
     return FeedState(*row) if row else None
 
 
-def record_success(conn: psycopg.Connection[Any], name: str, watermark: datetime | None, got_events: bool) -> None:
+def record_success(conn: psycopg.Connection[Any], name: str, watermark: datetime | None, got_events: bool,
+                   reconciled: bool = False) -> None:
+    """``reconciled``: this poll re-read the whole overlap window."""
     conn.execute("UPDATE feeds SET watermark = COALESCE(%s, watermark), last_poll_at = now(),"
                  " last_success_at = now(), consecutive_failures = 0, last_error = NULL,"
-                 " last_event_at = CASE WHEN %s THEN now() ELSE last_event_at END WHERE name = %s",
-                 (watermark, got_events, name))
+                 " last_event_at = CASE WHEN %s THEN now() ELSE last_event_at END,"
+                 " reconciled_at = CASE WHEN %s THEN now() ELSE reconciled_at END WHERE name = %s",
+                 (watermark, got_events, reconciled, name))
 
 
 def record_failure(conn: psycopg.Connection[Any], name: str, error: str) -> None:
@@ -43,6 +51,5 @@ def record_failure(conn: psycopg.Connection[Any], name: str, error: str) -> None
 
 
 def all_feeds(conn: psycopg.Connection[Any]) -> list[FeedState]:
-    rows = conn.execute("SELECT name, watermark, last_poll_at, last_success_at, last_event_at,"
-                        " consecutive_failures, last_error FROM feeds ORDER BY name").fetchall()
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM feeds ORDER BY name").fetchall()
     return [FeedState(*r) for r in rows]

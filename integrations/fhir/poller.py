@@ -1,9 +1,14 @@
 """Poll the EHR for new and changed QuestionnaireResponse and Communication resources.
 
-A ``_lastUpdated`` watermark per feed, re-read with a safety overlap (a server may commit a resource
-with an earlier timestamp than one already seen); versions already stored are skipped before any
-parsing or encryption, so the overlap costs one indexed query. Feeds are row-locked while polled,
-so several worker nodes never poll the same feed at once.
+A ``_lastUpdated`` watermark per feed, re-read with a safety overlap: a server may commit a resource with
+an earlier timestamp than one already seen. Every ``reconcile_s`` a poll re-reads the whole overlap
+(``overlap_s``); the polls in between re-read only the last ``recent_overlap_s`` before the watermark. A
+fast poll that re-read the whole overlap each time fetched the same resources again and again: at 220
+messages/s, a 0.5-s poll and a 5-s overlap, 65,318 resources were fetched and parsed (and served by the
+EHR) to take in 8,800. A resource committed up to ``recent_overlap_s`` late is read at once, one up to
+``overlap_s - reconcile_s`` late by the next full re-read. Versions already stored are skipped before
+any parsing or encryption. Feeds are row-locked while polled, so several worker nodes never poll the
+same feed at once.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class PollResult:
     quarantined: int
     skipped: int
     error: str | None = None
+    full: bool = True  # re-read the whole overlap window (else only the recent overlap)
 
 
 def _iso(ts: datetime) -> str:
@@ -67,14 +73,17 @@ def _pages(client: FhirClient, resource_type: str, since: datetime | None, page_
 
 
 def poll_feed(pool: ConnectionPool, client: FhirClient, pipeline: Pipeline, resource_type: str, *,
-              page_size: int, overlap_s: int) -> PollResult | None:
+              page_size: int, overlap_s: float, recent_overlap_s: float = 1.0,
+              reconcile_s: float = 0.0) -> PollResult | None:
     """One poll of one feed. Returns None when another node holds the feed."""
     name = f"ehr:{resource_type}"
     with pool.connection() as conn, conn.transaction():
-        state = feeds.lock_feed(conn, name)
+        state = feeds.lock_feed(conn, name, reconcile_s)
         if state is None:
             return None
-        since = state.watermark - timedelta(seconds=overlap_s) if state.watermark else None
+        full = state.reconcile_due
+        overlap = overlap_s if full else min(recent_overlap_s, overlap_s)
+        since = state.watermark - timedelta(seconds=overlap) if state.watermark else None
         fetched = ingested = quarantined = skipped = 0
         newest = state.watermark
         try:
@@ -103,19 +112,21 @@ def poll_feed(pool: ConnectionPool, client: FhirClient, pipeline: Pipeline, reso
             error = f"{exc.__class__.__name__}: {str(exc)[:300]}"
             feeds.record_failure(conn, name, error)
             log.warning("poll failed", extra={"feed": name, "error": error})
-            return PollResult(name, fetched, ingested, quarantined, skipped, error)
-        feeds.record_success(conn, name, newest, got_events=ingested > 0)
+            return PollResult(name, fetched, ingested, quarantined, skipped, error, full)
+        feeds.record_success(conn, name, newest, got_events=ingested > 0, reconciled=full)
     if ingested or quarantined:
         log.info("poll", extra={"feed": name, "fetched": fetched, "ingested": ingested,
-                                "quarantined": quarantined, "skipped": skipped})
-    return PollResult(name, fetched, ingested, quarantined, skipped)
+                                "quarantined": quarantined, "skipped": skipped, "full": full})
+    return PollResult(name, fetched, ingested, quarantined, skipped, full=full)
 
 
 def poll_all(pool: ConnectionPool, client: FhirClient, pipeline: Pipeline, *, page_size: int,
-             overlap_s: int) -> list[PollResult]:
+             overlap_s: float, recent_overlap_s: float = 1.0, reconcile_s: float = 0.0) -> list[PollResult]:
+    """Poll every feed once. ``reconcile_s`` 0 re-reads the whole overlap each time."""
     results = []
     for resource_type in ASSESSED_TYPES:
-        result = poll_feed(pool, client, pipeline, resource_type, page_size=page_size, overlap_s=overlap_s)
+        result = poll_feed(pool, client, pipeline, resource_type, page_size=page_size, overlap_s=overlap_s,
+                           recent_overlap_s=recent_overlap_s, reconcile_s=reconcile_s)
         if result is not None:
             results.append(result)
     return results
