@@ -180,7 +180,7 @@ class Settings:
             poll_reconcile_s=max(0.0, _float(env, "CDS_POLL_RECONCILE_S", 10.0)),
             poll_recent_overlap_s=max(0.0, _float(env, "CDS_POLL_RECENT_OVERLAP_S", 1.0)),
             database_read_url=env.get("CDS_DATABASE_READ_URL") or None,
-            read_replica_wait_s=_float(env, "CDS_READ_REPLICA_WAIT_S", 0.5),
+            read_replica_wait_s=max(0.0, _float(env, "CDS_READ_REPLICA_WAIT_S", 0.5)),
             smart_issuers=_urls(env, "CDS_SMART_ISSUERS") or (fhir,),
             smart_client_id=env.get("CDS_SMART_CLIENT_ID") or None,
             smart_client_secret=env.get("CDS_SMART_CLIENT_SECRET") or None,

@@ -66,7 +66,7 @@ def read_connection(primary: psycopg.Connection[Any], pool: ConnectionPool | Non
         return
     row = primary.execute("SELECT pg_current_wal_lsn()").fetchone()
     assert row is not None
-    conn, reason = _caught_up(pool, str(row[0]), max(0.0, wait_s))
+    conn, reason = _caught_up(pool, str(row[0]), wait_s)
     if conn is None:
         log.info("pages read the primary", extra={"reason": reason})
         yield primary, ReadSource("primary", reason)
