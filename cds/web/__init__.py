@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import psycopg
 from flask import Flask
@@ -14,6 +14,8 @@ from cds.service import Service
 from cds.settings import Settings
 from cds.store.replica import ReadSource
 from cds.web.json_bodies import StorableJSONProvider
+
+log = logging.getLogger(__name__)
 
 
 def _secret_key(settings: Settings) -> bytes:
@@ -94,15 +96,29 @@ def service() -> Service:
 READ_SOURCE_HEADER = "X-CDS-Read-Source"  # "replica" or "primary": where the page's patient data was read
 
 
-@contextmanager
-def page_reads(conn: psycopg.Connection[Any]) -> Iterator[tuple[psycopg.Connection[Any], ReadSource]]:
-    """``Service.reading`` for a page: the connection its reads go to (the replica when one is configured
-    and caught up, else ``conn``), remembered for the response header."""
+T = TypeVar("T")
+
+
+def page_read(conn: psycopg.Connection[Any], read: Callable[[psycopg.Connection[Any]], T]) -> tuple[T, ReadSource]:
+    """``read`` (a page's reads, nothing else) on the replica when one is configured and has caught up with
+    ``conn`` (``Service.reading``), else on ``conn``; with where it ran, remembered for the response header.
+
+    A replica that fails in the middle (replay cancelled the query in a recovery conflict, the connection
+    was lost) is left: ``read`` runs again on ``conn``, so the page is served from the primary, not a 500."""
     from flask import g
 
     with service().reading(conn) as (reads, source):
         g.read_source = source
-        yield reads, source
+        if reads is conn:
+            return read(conn), source
+        try:
+            return read(reads), source
+        except psycopg.OperationalError as exc:  # includes query cancelled and serialization failure
+            failed = f"replica read failed ({exc.__class__.__name__})"
+    log.warning("a page's read on the replica failed; read on the primary", extra={"reason": failed})
+    source = ReadSource("primary", failed)
+    g.read_source = source
+    return read(conn), source
 
 
 def read_detail(source: ReadSource) -> dict[str, Any]:

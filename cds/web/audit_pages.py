@@ -17,7 +17,7 @@ import psycopg
 from flask import Blueprint, Response, render_template, request
 
 from cds.errors import InputError, NotFoundError
-from cds.web import auth, page_reads, read_detail, service
+from cds.web import auth, page_read, read_detail, service
 from cds.web.dashboard import user_tz
 from compliance.ehr_export import export_status
 
@@ -106,17 +106,18 @@ def search() -> Any:
     before = request.args.get("before", type=int)
     start, end = flt.range(user_tz())
     user = _user()
+    def reads_of(reads: psycopg.Connection[Any]) -> tuple[Any, ...]:
+        records = audit.search(reads, from_ts=start, to_ts=end, patient_ref=flt.patient or None,
+                               actor=flt.actor or None, event_type=flt.event_type or None, before_seq=before,
+                               limit=PAGE_SIZE + 1)
+        cover = checkpoint_cover(reads, [r.seq for r in records[:PAGE_SIZE]])
+        last_cp = reads.execute("SELECT seq, signed_at FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
+        return records, cover, last_cp, export_status(reads)  # its head_seq is the chain's head (0: none yet)
+
     with service().pool.connection() as conn:
-        with page_reads(conn) as (reads, source):
-            records = audit.search(reads, from_ts=start, to_ts=end, patient_ref=flt.patient or None,
-                                   actor=flt.actor or None, event_type=flt.event_type or None, before_seq=before,
-                                   limit=PAGE_SIZE + 1)
-            more = len(records) > PAGE_SIZE
-            records = records[:PAGE_SIZE]
-            cover = checkpoint_cover(reads, [r.seq for r in records])
-            last_cp = reads.execute(
-                "SELECT seq, signed_at FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
-            export = export_status(reads)  # its head_seq is the chain's head (0: no record yet)
+        (records, cover, last_cp, export), source = page_read(conn, reads_of)
+        more = len(records) > PAGE_SIZE
+        records = records[:PAGE_SIZE]
         audit.record(conn, event_type="rest.search", action="E", actor=user.actor, role=user.role,
                      purpose="HOPERAT", entity={"what": "audit_log", "count": len(records)},
                      detail={"page": "/audit", "patient_filter": bool(flt.patient), "actor": flt.actor or None,
@@ -160,8 +161,7 @@ def verify() -> Any:
     user = _user()
     with service().pool.connection() as conn:
         # On a replica it is the same chain, byte for byte, replayed at least up to this request.
-        with page_reads(conn) as (reads, source):
-            result = audit.verify(reads)
+        result, source = page_read(conn, audit.verify)
         audit.record(conn, event_type="audit.verify", action="E", actor=user.actor, role=user.role,
                      purpose="HOPERAT", outcome=0 if result.ok else 8,
                      detail={"ok": result.ok, "checked": result.checked, "first_bad_seq": result.first_bad_seq,
@@ -181,19 +181,18 @@ def _export(fmt: str) -> Response:
     flt = filter_from_request()
     start, end = flt.range(user_tz())
     user = _user()
-    with service().pool.connection() as conn:
-        with page_reads(conn) as (reads, source):
-            if fmt == "fhir":
-                import json
+    def reads_of(reads: psycopg.Connection[Any]) -> tuple[str, int]:
+        if fmt == "fhir":
+            import json
 
-                bundle = export.export_fhir_bundle(reads, start, end, flt.patient or None)
-                body = json.dumps(bundle, ensure_ascii=False)
-                count = len(bundle["entry"])
-                mimetype, ext = "application/fhir+json", "json"
-            else:
-                body = export.export_csv(reads, start, end, flt.patient or None)
-                count = max(0, body.count("\r\n") - 1)
-                mimetype, ext = "text/csv", "csv"
+            bundle = export.export_fhir_bundle(reads, start, end, flt.patient or None)
+            return json.dumps(bundle, ensure_ascii=False), len(bundle["entry"])
+        body = export.export_csv(reads, start, end, flt.patient or None)
+        return body, max(0, body.count("\r\n") - 1)
+
+    mimetype, ext = ("application/fhir+json", "json") if fmt == "fhir" else ("text/csv", "csv")
+    with service().pool.connection() as conn:
+        (body, count), source = page_read(conn, reads_of)
         conn.commit()  # end the export's read (when it was on the primary) before the audit append takes its lock
         audit.record(conn, event_type="export", action="R", actor=user.actor, role=user.role, purpose="HOPERAT",
                      patient_ref=flt.patient or None,

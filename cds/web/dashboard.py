@@ -22,7 +22,7 @@ from cds.domain import Event, RiskTier
 from cds.errors import CryptoError, ForbiddenError, InputError, NotFoundError
 from cds.store.cipher import Cipher, open_json
 from cds.store.events import CONTEXT_MESSAGES, event_aad
-from cds.web import auth, page_reads, read_detail, service
+from cds.web import auth, page_read, read_detail, service
 from cds.web.charts import GAD7_BANDS, PHQ9_BANDS, Point, trend_svg
 from cds.web.i18n import MESSAGES, locale, t
 from cds.web.report import (
@@ -164,9 +164,8 @@ def patients() -> Any:
     now = datetime.now(UTC)
     flt = _filter_from_request(now)
     with service().pool.connection() as conn:
-        with page_reads(conn) as (reads, source):
-            rows = visible_patients(reads, user, now, flt)
-            wards = visible_wards(reads, user)
+        (rows, wards), source = page_read(conn, lambda reads: (visible_patients(reads, user, now, flt),
+                                                               visible_wards(reads, user)))
         audit.record(conn, event_type="rest.search", action="E", actor=user.actor, role=user.role, purpose="TREAT",
                      entity={"what": "patients", "count": len(rows)},
                      detail={"page": "/dashboard", "ward": flt.ward, "min_tier": flt.min_tier.label if flt.min_tier
@@ -305,6 +304,17 @@ def _check_access(conn: psycopg.Connection[Any], user: auth.User, patient_ref: s
     return None
 
 
+def _patient_page_data(conn: psycopg.Connection[Any], cipher: Cipher, patient_ref: str) -> tuple[Any, ...]:
+    """What the patient page shows: (ward, tier, tier since, assessments, transcript, open alerts)."""
+    ward, tier, tier_since, _updated = _patient_row(conn, patient_ref)
+    views = load_assessments(conn, cipher, patient_ref)
+    transcript = load_transcript(conn, cipher, patient_ref, views)
+    open_alerts = conn.execute(
+        "SELECT id, kind, status, priority, tier, created_at, due_at, reason FROM alerts"
+        " WHERE patient_ref = %s AND status <> 'resolved' ORDER BY created_at DESC", (patient_ref,)).fetchall()
+    return ward, tier, tier_since, views, transcript, open_alerts
+
+
 @bp.get("/patient/<path:patient_ref>")
 @auth.login_required()
 def patient(patient_ref: str) -> Any:
@@ -317,14 +327,8 @@ def patient(patient_ref: str) -> Any:
         denied = _check_access(conn, user, patient_ref)  # who may see whom: decided on the primary
         if denied is not None:
             return denied
-        with page_reads(conn) as (reads, source):
-            ward, tier, tier_since, _updated = _patient_row(reads, patient_ref)
-            views = load_assessments(reads, svc.cipher, patient_ref)
-            transcript = load_transcript(reads, svc.cipher, patient_ref, views)
-            open_alerts = reads.execute(
-                "SELECT id, kind, status, priority, tier, created_at, due_at, reason FROM alerts"
-                " WHERE patient_ref = %s AND status <> 'resolved' ORDER BY created_at DESC",
-                (patient_ref,)).fetchall()
+        (ward, tier, tier_since, views, transcript, open_alerts), source = page_read(
+            conn, lambda reads: _patient_page_data(reads, svc.cipher, patient_ref))
         audit.record(conn, event_type="rest.read", action="R", actor=user.actor, role=user.role,
                      patient_ref=patient_ref, purpose="TREAT" if _ward_access(user, ward) else "ETREAT", outcome=0,
                      entity={"what": patient_ref, "assessments": len(views),

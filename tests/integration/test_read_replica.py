@@ -135,6 +135,36 @@ def test_compliance_reads_search_verify_and_export_on_the_replica(ehr: Any, repl
     assert [(r[0]["ok"], r[0]["read_from"]) for r in runs] == [(True, "replica"), (False, "replica")]
 
 
+def test_a_replica_that_fails_in_the_middle_of_a_page_leaves_it_to_the_primary(
+        ehr: Any, replica_service: Any, pg_replica: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replica's backend is terminated while the page reads there (as a recovery conflict or a lost
+    connection would end it): the page is read again on the primary and served, and the next one is
+    back on the replica (the pool replaced the broken connection)."""
+    from cds.web import dashboard
+
+    ref = _risky_patient(ehr, replica_service, "MRN-RR-8")
+    client = _client(replica_service)
+    sign_in(client, replica_service, "psychiatrist", wards=("ward5",))
+    original = dashboard.load_transcript
+    cut: list[int] = []
+
+    def cut_on_replica(conn: Any, *args: Any, **kwargs: Any) -> Any:
+        if not cut and conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+            cut.append(conn.info.backend_pid)
+            with psycopg.connect(pg_replica.admin_url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+        return original(conn, *args, **kwargs)
+
+    monkeypatch.setattr(dashboard, "load_transcript", cut_on_replica)
+    page = client.get(f"/dashboard/patient/{ref}?lang=en")
+    assert cut, "the page never read the replica"
+    assert page.status_code == 200 and page.headers["X-CDS-Read-Source"] == "primary"
+    assert "I bought the pills today" in _visible(page.text)
+    assert "replica read failed" in _read_detail(replica_service, "dashboard.patient")["replica_skipped"]
+    again = client.get(f"/dashboard/patient/{ref}?lang=en")
+    assert again.status_code == 200 and again.headers["X-CDS-Read-Source"] == "replica"
+
+
 def test_a_replica_that_is_behind_is_not_read(ehr: Any, settings_env: dict[str, str], engines: Any,
                                               pg_replica: Any, db_url: str) -> None:
     pg_replica.wait_for(db_url)
