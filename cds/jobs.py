@@ -17,7 +17,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from cds.service import Service
 from compliance.ehr_export import EXPORT_INTERVAL_S
-from integrations.fhir.poller import poll_all
+from integrations.fhir.poller import PollResult, poll_all
 from integrations.fhir.writeback import drain_outbox
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def poll_and_assess(service: Service) -> int:
     return assess_pending(service)
 
 
-def poll_feeds(service: Service) -> list[Any]:
+def poll_feeds(service: Service) -> list[PollResult]:
     """One poll of every EHR feed, as the settings say (page size, overlap, full re-read interval)."""
     s = service.settings
     return poll_all(service.pool, service.fhir, service.pipeline, page_size=s.poll_page_size,

@@ -4,7 +4,6 @@ pipeline and FHIR client. ``cds serve``, ``cds worker`` and the tests all build 
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,11 +50,6 @@ class Service:
                             history_source=lambda refs: fetch_histories(fhir, refs))
         read_pool = replica.open_read_pool(settings.database_read_url) if settings.database_read_url else None
         return cls(settings, url, pool, cipher, engines, pipeline, fhir, read_pool=read_pool)
-
-    def reading(self, primary: Any) -> AbstractContextManager[tuple[Any, replica.ReadSource]]:
-        """A connection for a page's reads, on the replica when it has caught up with ``primary`` (the
-        connection the page writes on), else ``primary`` itself: see cds.store.replica."""
-        return replica.read_connection(primary, self.read_pool, self.settings.read_replica_wait_s)
 
     def close(self) -> None:
         if self.read_pool is not None:

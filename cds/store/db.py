@@ -147,10 +147,7 @@ def open_pool(url: str, *, min_size: int = 1, max_size: int = 8, name: str = "cd
         kwargs={"connect_timeout": connect_timeout}, check=_check_if_idle, reset=_returned,
         reconnect_timeout=60,
     )
-    if wait:
-        pool.open(wait=True, timeout=30)
-    else:
-        pool.open(wait=False)
+    pool.open(wait=wait, timeout=30)
     return pool
 
 

@@ -18,20 +18,20 @@ class FeedState:
     last_event_at: datetime | None
     consecutive_failures: int
     last_error: str | None
-    reconcile_due: bool = True  # lock_feed: the whole overlap window is to be read again this time
 
 
 _COLUMNS = "name, watermark, last_poll_at, last_success_at, last_event_at, consecutive_failures, last_error"
 
 
-def lock_feed(conn: psycopg.Connection[Any], name: str, reconcile_s: float = 0.0) -> FeedState | None:
-    """Row-lock the feed for this transaction; None when another node is polling it right now.
-    ``reconcile_due`` says whether its last full re-read is at least ``reconcile_s`` old (database time)."""
+def lock_feed(conn: psycopg.Connection[Any], name: str,
+              reconcile_s: float = 0.0) -> tuple[FeedState, bool] | None:
+    """Row-lock the feed for this transaction; None when another node is polling it right now. With the
+    state comes whether a full re-read is due: the last one is at least ``reconcile_s`` old (database time)."""
     conn.execute("INSERT INTO feeds (name) VALUES (%s) ON CONFLICT DO NOTHING", (name,))
     row = conn.execute(f"SELECT {_COLUMNS}, reconciled_at IS NULL OR reconciled_at <= now() - make_interval("
                        "secs => %s) FROM feeds WHERE name = %s FOR UPDATE SKIP LOCKED",
                        (reconcile_s, name)).fetchone()
-    return FeedState(*row) if row else None
+    return (FeedState(*row[:-1]), bool(row[-1])) if row else None
 
 
 def record_success(conn: psycopg.Connection[Any], name: str, watermark: datetime | None, got_events: bool,

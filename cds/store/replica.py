@@ -9,9 +9,10 @@ break-glass grant, an erasure. A replica that is behind for longer than ``CDS_RE
 down, unreachable or not a replica at all (promoted, or the wrong URL) is not used: the page reads the
 primary, and says which it read (``ReadSource``) for its response header and its audit record.
 
-What stays on the primary: access decisions (who may see which patient), every write (audit records,
-reviews, acknowledgements) and the nurses' triage queue, whose acknowledge and escalate actions need the
-current state of the row they change.
+What stays on the primary: the patient page's access check, every write (audit records, reviews,
+acknowledgements) and the nurses' triage queue, whose acknowledge and escalate actions need the current
+state of the row they change. The patient list's ward and break-glass filter is part of its query and runs
+on the replica, which has every grant and revocation committed before the request.
 """
 
 from __future__ import annotations

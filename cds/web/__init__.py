@@ -12,7 +12,7 @@ from flask import Flask
 
 from cds.service import Service
 from cds.settings import Settings
-from cds.store.replica import ReadSource
+from cds.store.replica import ReadSource, read_connection
 from cds.web.json_bodies import StorableJSONProvider
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,14 @@ T = TypeVar("T")
 
 def page_read(conn: psycopg.Connection[Any], read: Callable[[psycopg.Connection[Any]], T]) -> tuple[T, ReadSource]:
     """``read`` (a page's reads, nothing else) on the replica when one is configured and has caught up with
-    ``conn`` (``Service.reading``), else on ``conn``; with where it ran, remembered for the response header.
+    ``conn`` (cds.store.replica), else on ``conn``; with where it ran, remembered for the response header.
 
     A replica that fails in the middle (replay cancelled the query in a recovery conflict, the connection
     was lost) is left: ``read`` runs again on ``conn``, so the page is served from the primary, not a 500."""
     from flask import g
 
-    with service().reading(conn) as (reads, source):
+    svc = service()
+    with read_connection(conn, svc.read_pool, svc.settings.read_replica_wait_s) as (reads, source):
         g.read_source = source
         if reads is conn:
             return read(conn), source

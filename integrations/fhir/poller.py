@@ -78,10 +78,10 @@ def poll_feed(pool: ConnectionPool, client: FhirClient, pipeline: Pipeline, reso
     """One poll of one feed. Returns None when another node holds the feed."""
     name = f"ehr:{resource_type}"
     with pool.connection() as conn, conn.transaction():
-        state = feeds.lock_feed(conn, name, reconcile_s)
-        if state is None:
+        locked = feeds.lock_feed(conn, name, reconcile_s)
+        if locked is None:
             return None
-        full = state.reconcile_due
+        state, full = locked
         overlap = overlap_s if full else min(recent_overlap_s, overlap_s)
         since = state.watermark - timedelta(seconds=overlap) if state.watermark else None
         fetched = ingested = quarantined = skipped = 0
