@@ -4,6 +4,7 @@ that died after it was frozen."""
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -25,7 +26,18 @@ def thawed() -> Iterator[None]:
     gc.unfreeze()  # the test process keeps its ordinary collector
 
 
-def test_freeze_moves_the_survivors_out_of_what_a_full_collection_walks() -> None:
+@pytest.fixture
+def no_thread_switch() -> Iterator[None]:
+    """Other threads of the test process (tqdm's monitor, left by an earlier test) free objects of their
+    own; one that ran between the freeze and the count made the count one short (once, in a full make test).
+    A long switch interval keeps them from running in between."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)
+    yield
+    sys.setswitchinterval(old)
+
+
+def test_freeze_moves_the_survivors_out_of_what_a_full_collection_walks(no_thread_switch: None) -> None:
     keep = [Node() for _ in range(5000)]
     before = len(gc.get_objects())
     frozen = gc_pacing.freeze_survivors()
