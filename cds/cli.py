@@ -96,6 +96,10 @@ def worker() -> None:
     from cds.service import Service
 
     service = Service.start(_settings())
+    if service.settings.claim_affinity_s > 0:
+        from cds.store.affinity import ClaimAffinity
+
+        service.pipeline.affinity = ClaimAffinity(service.db_url, service.settings.claim_affinity_s)
     gc_pacing.start(service.settings.gc_freeze_s, service.settings.gc_sweep_s)
     scheduler = build_scheduler(service)
     stop = threading.Event()

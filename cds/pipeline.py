@@ -26,6 +26,7 @@ from cds.storage_health import is_storage_error, storage_watch
 from cds.store import assessments as assessment_store
 from cds.store import events as event_store
 from cds.store import outbox
+from cds.store.affinity import ClaimAffinity
 from cds.store.cipher import Cipher
 from cds.store.db import pipelined_transaction
 
@@ -307,6 +308,7 @@ class Pipeline:
     def __init__(self, pool: ConnectionPool, cipher: Cipher, engines: Engines, settings: Settings,
                  clock: Clock = utcnow, history_source: HistorySource | None = None) -> None:
         self.history_source = history_source
+        self.affinity: ClaimAffinity | None = None  # a worker's preferred share of the patients (cds.store.affinity)
         self.pool = pool
         self.cipher = cipher
         self.engines = engines
@@ -426,7 +428,8 @@ class Pipeline:
         results: list[Processed] = []
         with self.pool.connection() as conn, _transaction(conn, pipelined=not guarded):
             audits: list[dict[str, Any]] = []
-            claimed = event_store.claim_pending(conn, self.cipher, size)
+            claimed = event_store.claim_pending(conn, self.cipher, size,
+                                                self.affinity.share() if self.affinity is not None else None)
             histories = self._prefetch_histories(conn, claimed)
             ids = assessment_store.AssessmentIds(conn, len(claimed) * self._assessments_per_event,
                                                  ahead=bool(claimed))

@@ -52,6 +52,8 @@ class Service:
         return cls(settings, url, pool, cipher, engines, pipeline, fhir, read_pool=read_pool)
 
     def close(self) -> None:
+        if self.pipeline.affinity is not None:
+            self.pipeline.affinity.close()
         if self.read_pool is not None:
             self.read_pool.close()
         self.pool.close()

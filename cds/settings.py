@@ -106,6 +106,8 @@ class Settings:
     # -- polling: how often a poll re-reads the whole overlap, and what the polls in between re-read ------
     poll_reconcile_s: float = 10.0
     poll_recent_overlap_s: float = 1.0
+    # -- workers: how long an event waits for the worker whose patients it belongs to before any takes it ------
+    claim_affinity_s: float = 10.0  # cds.store.affinity; 0 = no preference (plain id order)
     # -- a streaming replica for the pages' reads (cds.store.replica); None = everything on the primary --------
     database_read_url: str | None = None
     read_replica_wait_s: float = 0.5  # how long a page waits for the replica to catch up before reading the primary
@@ -178,6 +180,7 @@ class Settings:
             gc_freeze_s=_float(env, "CDS_GC_FREEZE_S", 10.0),
             gc_sweep_s=_float(env, "CDS_GC_SWEEP_S", 3600.0),
             poll_reconcile_s=max(0.0, _float(env, "CDS_POLL_RECONCILE_S", 10.0)),
+            claim_affinity_s=max(0.0, _float(env, "CDS_CLAIM_AFFINITY_S", 10.0)),
             poll_recent_overlap_s=max(0.0, _float(env, "CDS_POLL_RECENT_OVERLAP_S", 1.0)),
             database_read_url=env.get("CDS_DATABASE_READ_URL") or None,
             read_replica_wait_s=max(0.0, _float(env, "CDS_READ_REPLICA_WAIT_S", 0.5)),

@@ -10,6 +10,7 @@ import psycopg
 
 from cds.domain import Event
 from cds.errors import CryptoError
+from cds.store.affinity import Share
 from cds.store.cipher import Cipher, open_json, seal_json
 
 
@@ -56,16 +57,29 @@ def _load(conn: psycopg.Connection[Any], cipher: Cipher, row: Sequence[Any]) -> 
 RETRY_BASE_S = 5.0
 
 
-def claim_pending(conn: psycopg.Connection[Any], cipher: Cipher, limit: int) -> list[StoredEvent]:
+def claim_pending(conn: psycopg.Connection[Any], cipher: Cipher, limit: int,
+                  share: Share | None = None) -> list[StoredEvent]:
     """Lock up to ``limit`` pending events for this transaction; other workers skip them.
 
     The row locks last until the caller commits, so a worker that dies mid-batch releases its
     claim at once and another worker processes the events; nothing is claimed twice.
+
+    With a ``share`` (cds.store.affinity), only the events of this worker's patients, and any event that
+    has waited ``share.steal_after_s``, oldest first.
     """
-    rows = conn.execute(
-        f"SELECT {_EVENT_COLUMNS} FROM events WHERE status = 'pending'"
-        " AND (retry_at IS NULL OR retry_at <= now()) ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
-        (limit,)).fetchall()
+    if share is None:
+        rows = conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE status = 'pending'"
+            " AND (retry_at IS NULL OR retry_at <= now()) ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+            (limit,)).fetchall()
+    else:
+        rows = conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE status = 'pending'"
+            " AND (retry_at IS NULL OR retry_at <= now())"
+            " AND ((hashtext(patient_ref) & 2147483647) %% %s = %s"
+            "      OR received_at <= now() - make_interval(secs => %s))"
+            " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+            (share.members, share.rank, share.steal_after_s, limit)).fetchall()
     claimed: list[StoredEvent] = []
     for row in rows:
         try:
