@@ -285,7 +285,7 @@ class _EventReads:
     """The store's answers one event's processing needs, each read when called (``Pipeline._send_reads``)."""
 
     newer_version_done: Callable[[], bool]
-    conversation: Callable[[], list[event_store.StoredEvent]]
+    context: Callable[[], list[str]]  # what the patient said in the conversation's earlier messages
     recent_signals: Callable[[], list[Signal]]
 
 
@@ -309,6 +309,7 @@ class Pipeline:
                  clock: Clock = utcnow, history_source: HistorySource | None = None) -> None:
         self.history_source = history_source
         self.affinity: ClaimAffinity | None = None  # a worker's preferred share of the patients (cds.store.affinity)
+        self.context_cache = event_store.ContextCache()  # earlier messages' texts, read again with each new one
         self.pool = pool
         self.cipher = cipher
         self.engines = engines
@@ -509,12 +510,12 @@ class Pipeline:
                     now: datetime) -> _EventReads:
         """What processing an event reads from the store, asked at once (none depends on another's answer)."""
         event = stored.event
-        conversation: Callable[[], list[event_store.StoredEvent]] = list
+        context: Callable[[], list[str]] = list
         if event.resource_type == "Communication":
-            conversation = event_store.conversation_messages_deferred(conn, self.cipher, stored)
+            context = event_store.conversation_texts_deferred(conn, self.cipher, stored, self.context_cache)
         return _EventReads(
             newer_version_done=event_store.newer_version_done_deferred(conn, stored),
-            conversation=conversation,
+            context=context,
             recent_signals=assessment_store.recent_signals_deferred(
                 conn, event.patient_ref, now - timedelta(days=LOOKBACK_DAYS), self.engines.lookback_signals))
 
@@ -535,12 +536,8 @@ class Pipeline:
         if reads.newer_version_done():
             event_store.mark_event(conn, stored.id, "superseded")
             return Processed(stored.id, "superseded")
-        context: list[str] = []
-        if event.resource_type == "Communication":
-            from integrations.fhir.mapping import communication_text, is_patient_authored
-
-            context = [communication_text(m.event.resource) for m in reads.conversation()
-                       if is_patient_authored(m.event.resource, event.patient_ref)]
+        context = reads.context()
+        self.context_cache.remember(stored)  # the context of this patient's next messages
         history = self._history(conn, state, now, reads.recent_signals, histories)
         assessed = assess(event, history, self.engines, now=now, context=context)
         if assessed is None:

@@ -66,6 +66,7 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 _HEADER = struct.Struct(">BQ")  # version, DEK id
 _MIN_BLOB = _HEADER.size + NONCE_BYTES + 16
+SEAL_ID_BYTES = _HEADER.size + NONCE_BYTES  # a blob's header and random nonce: unique to each sealing
 _WRAP_AAD_PREFIX = b"psych-cds/dek/v1|"
 
 #: Environment variable holding the KEK as base64 (wins over the file when set).
@@ -356,6 +357,16 @@ class FieldCipher:
             except zlib.error as exc:  # authenticated, so written so by a faulty sealer, never by an attacker
                 raise CryptoError("sealed value is not a valid zlib stream") from exc
         return plaintext
+
+    def sealed_by_live_key(self, blob: bytes) -> bool:
+        """Whether ``blob`` is sealed under a data key this process holds, unexpired and not erased here:
+        what :meth:`decrypt` would use without asking the database. A cache of what such a blob decrypted
+        to may be served while this holds; an erasure then reaches the cache as it reaches the key cache
+        (at once in this process, within the key TTL in the others)."""
+        blob = bytes(blob)
+        if is_tombstone(blob) or len(blob) < _MIN_BLOB:
+            return False
+        return self._cached(self._by_id, _HEADER.unpack_from(blob)[1]) is not None
 
     def encrypt_json(self, conn: psycopg.Connection[Any], subject: str, value: Any, aad: bytes) -> bytes:
         return self.encrypt(conn, subject, json.dumps(value, ensure_ascii=False, separators=(",", ":"),

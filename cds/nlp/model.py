@@ -403,13 +403,13 @@ class TextRiskModel:
                           safety_net_kinds=sn.kinds, safety_net_source=",".join(sn.lexicons))
 
     def _capped_window(self, tier: RiskTier, window: str, part: Sequence[str], lang: str | None,
-                       thresholds: Mapping[str, float]) -> RiskTier:
+                       thresholds: Mapping[str, float], scanned: SafetyNetResult | None = None) -> RiskTier:
         """A window's model tier under the post-length and short-message caps, judged by the safety net
-        on that window alone."""
+        on that window alone (``scanned``: that scan, when the caller has it already)."""
         longest = max(len(m) for m in part)
         if tier <= RiskTier.LOW or (len(window) > CAP_MAX_CHARS and longest >= thresholds.get("post_min_chars", 0)):
             return tier  # neither cap can apply: no need to scan
-        sn = conversation_scan(part, lang or detect_lang(window), self.lexicon_dir)
+        sn = scanned or conversation_scan(part, lang or detect_lang(window), self.lexicon_dir)
         return capped_model_tier(post_length_cap(tier, longest, thresholds, sn), sn, len(window))
 
     def assess_conversation(self, messages: Sequence[str], lang: str | None = None, *,
@@ -475,7 +475,9 @@ class TextRiskModel:
         # The final tier uses each message's final tier and the windows' model tiers under the same
         # caps as a single message (capped_model_tier, with the window's own scan), then the safety net on
         # the whole conversation.
-        capped_windows = [self._capped_window(t, w, part, given, th) for t, (w, part, _, th) in zip(win_tiers, kept)]
+        # A window of the whole slice is the joint text: its scan is ``sn`` (same messages, same language).
+        capped_windows = [self._capped_window(t, w, part, given, th, sn if w == joint else None)
+                          for t, (w, part, _, th) in zip(win_tiers, kept)]
         tier = max([r.tier for r in per] + capped_windows + ([sn_tier] if sn_tier is not None else []))
         win_max = win_probs.max(axis=0) if len(win_probs) else np.zeros(len(HEADS), np.float32)
         harm_window = any(bool(p[4] >= th["harm_to_others"]) for _, _, p, th in kept)

@@ -13,6 +13,8 @@ class Cipher(Protocol):
 
     def decrypt(self, conn: psycopg.Connection[Any], blob: bytes, aad: bytes) -> bytes: ...
 
+    def sealed_by_live_key(self, blob: bytes) -> bool: ...
+
 
 def seal_json(cipher: Cipher, conn: psycopg.Connection[Any], subject: str, value: Any, aad: str) -> bytes:
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +14,7 @@ from cds.domain import Event
 from cds.errors import CryptoError
 from cds.store.affinity import Share
 from cds.store.cipher import Cipher, open_json, seal_json
+from compliance.crypto import SEAL_ID_BYTES
 
 
 def event_aad(source: str, resource_type: str, resource_id: str, version_id: str) -> str:
@@ -23,6 +26,7 @@ class StoredEvent:
     id: int
     event: Event
     attempts: int
+    seal: bytes = b""  # its ciphertext's header and nonce, as read (a ContextCache key); empty when not read
 
 
 def insert_event(conn: psycopg.Connection[Any], cipher: Cipher, event: Event) -> tuple[int, bool]:
@@ -51,7 +55,7 @@ def _load(conn: psycopg.Connection[Any], cipher: Cipher, row: Sequence[Any]) -> 
     resource = open_json(cipher, conn, blob, event_aad(source, rtype, rid, vid))
     return StoredEvent(id=eid, attempts=attempts, event=Event(
         source=source, resource_type=rtype, resource_id=rid, version_id=vid, patient_ref=patient,
-        resource=resource, received_at=updated, conversation_id=conv))
+        resource=resource, received_at=updated, conversation_id=conv), seal=bytes(blob[:SEAL_ID_BYTES]))
 
 
 RETRY_BASE_S = 5.0
@@ -145,16 +149,56 @@ def record_failure(conn: psycopg.Connection[Any], event_id: int, error: str, max
 CONTEXT_MESSAGES = 8
 
 
-def conversation_messages(conn: psycopg.Connection[Any], cipher: Cipher, stored: StoredEvent,
-                          limit: int = CONTEXT_MESSAGES) -> list[StoredEvent]:
-    """Earlier messages of the same conversation (oldest first), for conversation-level context."""
-    return conversation_messages_deferred(conn, cipher, stored, limit)()
+class ContextCache:
+    """What earlier chat messages of a conversation say (the text of a patient's message, None for anyone
+    else's), by event and sealing. A worker reads a conversation's last ``CONTEXT_MESSAGES`` messages with
+    each new one; with claim affinity (cds.store.affinity) it assessed them itself, and ``remember`` kept
+    what they said then. An entry is served only while the cipher holds the message's data key live
+    (``Cipher.sealed_by_live_key``), so an erasure reaches it as it reaches the key cache."""
+
+    def __init__(self, maxsize: int = 32768) -> None:
+        self.maxsize = maxsize
+        self._data: OrderedDict[tuple[int, bytes], str | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, bytes]) -> tuple[bool, str | None]:
+        with self._lock:
+            if key not in self._data:
+                return False, None
+            self._data.move_to_end(key)
+            return True, self._data[key]
+
+    def remember(self, stored: StoredEvent) -> None:
+        """Keep what a message just read (claimed) says, for when it is the context of the next ones."""
+        from integrations.fhir.mapping import communication_text, is_patient_authored
+
+        ev = stored.event
+        if stored.seal and ev.conversation_id and ev.resource_type == "Communication":
+            self.put((stored.id, stored.seal), communication_text(ev.resource)
+                     if is_patient_authored(ev.resource, ev.patient_ref) else None)
+
+    def put(self, key: tuple[int, bytes], text: str | None) -> None:
+        with self._lock:
+            self._data[key] = text
+            self._data.move_to_end(key)
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
 
 
-def conversation_messages_deferred(conn: psycopg.Connection[Any], cipher: Cipher, stored: StoredEvent,
-                                   limit: int = CONTEXT_MESSAGES) -> Callable[[], list[StoredEvent]]:
-    """``conversation_messages``, asked now and read (and decrypted) when called (in pipeline mode the
-    query shares the next round trip)."""
+def conversation_texts(conn: psycopg.Connection[Any], cipher: Cipher, stored: StoredEvent,
+                       cache: ContextCache | None = None, limit: int = CONTEXT_MESSAGES) -> list[str]:
+    """What the patient said in the earlier messages of the same conversation (oldest first), for
+    conversation-level context."""
+    return conversation_texts_deferred(conn, cipher, stored, cache, limit)()
+
+
+def conversation_texts_deferred(conn: psycopg.Connection[Any], cipher: Cipher, stored: StoredEvent,
+                                cache: ContextCache | None = None,
+                                limit: int = CONTEXT_MESSAGES) -> Callable[[], list[str]]:
+    """``conversation_texts``, asked now and read (and decrypted, where ``cache`` does not hold it) when
+    called (in pipeline mode the query shares the next round trip)."""
+    from integrations.fhir.mapping import communication_text, is_patient_authored
+
     ev = stored.event
     if not ev.conversation_id:
         return lambda: []
@@ -162,7 +206,22 @@ def conversation_messages_deferred(conn: psycopg.Connection[Any], cipher: Cipher
         f"SELECT {_EVENT_COLUMNS} FROM events WHERE patient_ref = %s AND conversation_id = %s AND id < %s"
         " AND resource_type = 'Communication' ORDER BY id DESC LIMIT %s",
         (ev.patient_ref, ev.conversation_id, stored.id, limit))
-    return lambda: [_load(conn, cipher, row) for row in reversed(cur.fetchall())]
+
+    def text_of(row: Sequence[Any]) -> str | None:
+        if cache is not None and cipher.sealed_by_live_key(row[8]):
+            known, text = cache.get((int(row[0]), bytes(row[8][:SEAL_ID_BYTES])))
+            if known:
+                return text
+        loaded = _load(conn, cipher, row)
+        if cache is not None:
+            cache.remember(loaded)
+        resource = loaded.event.resource
+        return communication_text(resource) if is_patient_authored(resource, ev.patient_ref) else None
+
+    def read() -> list[str]:
+        texts = [text_of(row) for row in reversed(cur.fetchall())]
+        return [t for t in texts if t is not None]
+    return read
 
 
 def quarantine_input(conn: psycopg.Connection[Any], cipher: Cipher, *, source: str, payload: Any,

@@ -111,7 +111,7 @@ def _event_messages(conn: psycopg.Connection[Any], cipher: Any, event_id: int) -
     """(resource type, texts) of the assessed event: for a chat, the patient's earlier messages of the
     conversation and then this one, exactly as the pipeline assessed them (evidence ``#i`` indexes)."""
     from cds.store import events as event_store
-    from integrations.fhir.mapping import communication_text, is_patient_authored
+    from integrations.fhir.mapping import communication_text
 
     row = conn.execute("SELECT id, source, resource_type, resource_id, version_id, patient_ref, conversation_id,"
                        " source_updated, resource_enc, attempts FROM events WHERE id = %s", (event_id,)).fetchone()
@@ -127,9 +127,7 @@ def _event_messages(conn: psycopg.Connection[Any], cipher: Any, event_id: int) -
     stored = event_store.StoredEvent(id=eid, attempts=attempts, event=Event(
         source=source, resource_type=rtype, resource_id=rid, version_id=vid, patient_ref=patient,
         resource=resource, received_at=updated, conversation_id=conv))
-    context = [communication_text(m.event.resource) for m in event_store.conversation_messages(conn, cipher, stored)
-               if is_patient_authored(m.event.resource, patient)]
-    return str(rtype), [*context, communication_text(resource)]
+    return str(rtype), [*event_store.conversation_texts(conn, cipher, stored), communication_text(resource)]
 
 
 def _steps(actions: Sequence[dict[str, Any]]) -> tuple[str, ...]:
