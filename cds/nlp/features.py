@@ -93,10 +93,10 @@ def edge_words(text: str) -> tuple[str, str] | None:
 
 
 def prefix_counts(parts: Sequence[str], cfg: FeatureConfig, counts: Callable[[str], Counter[int]],
-                  edges: Callable[[str], tuple[str, str] | None]) -> list[Counter[int]]:
-    """``text_counts("\\n".join(parts[:k + 1]))`` for every k, each built on the one before from the parts'
-    own counts (``counts``, usually cached) plus the word bigrams that cross a newline. Exact:
-    normalisation is character by character, and a newline ends every Chinese run and every Latin
+                  edges: Callable[[str], tuple[str, str] | None], start: int = 0) -> list[Counter[int]]:
+    """``text_counts("\\n".join(parts[:k + 1]))`` for every k from ``start``, each built on the one before
+    from the parts' own counts (``counts``, usually cached) plus the word bigrams that cross a newline.
+    Exact: normalisation is character by character, and a newline ends every Chinese run and every Latin
     word. A joined text the model would clip is counted directly."""
     out: list[Counter[int]] = []
     total: Counter[int] = Counter()
@@ -105,16 +105,18 @@ def prefix_counts(parts: Sequence[str], cfg: FeatureConfig, counts: Callable[[st
     for k, part in enumerate(parts):
         length += len(part) + 1
         if length > cfg.max_chars:  # the model clips this text: count it as the model reads it
-            out.append(text_counts("\n".join(parts[:k + 1]), cfg))
+            if k >= start:
+                out.append(text_counts("\n".join(parts[:k + 1]), cfg))
             continue
-        total = total.copy() if out else total
+        total = total.copy() if out else total  # a prefix handed out is not added to again
         total.update(counts(part))
         edge = edges(part)
         if edge is not None:
             if last is not None:
                 total[_bucket("b:" + last + " " + edge[0], cfg.buckets)] += 1
             last = edge[1]
-        out.append(total)
+        if k >= start:
+            out.append(total)
     return out
 
 

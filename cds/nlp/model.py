@@ -313,7 +313,7 @@ class TextRiskModel:
                 j += 1
             run = todo[j - 1]
             first = len(todo[i])
-            counts += prefix_counts(run, self.features, counts_of, edges_of)[first - 1:]
+            counts += prefix_counts(run, self.features, counts_of, edges_of, start=first - 1)
             i = j
         made, _ = self._run_counts(counts, want_contrib=False)
         fresh = iter(made)

@@ -432,6 +432,10 @@ def test_window_counts_from_cached_messages_equal_counting_the_joined_text(parts
     small = FeatureConfig(max_chars=40)  # also across the point where the model starts clipping
     prefixes = prefix_counts(parts, small, lambda t: text_counts(t, small), edge_words)
     assert prefixes == [text_counts("\n".join(parts[:k + 1]), small) for k in range(len(parts))]
+    for start in range(len(parts)):  # only the prefixes from ``start`` (the pipeline wants the last one)
+        for c in (cfg, small):
+            assert prefix_counts(parts, c, lambda t, c=c: text_counts(t, c), edge_words, start=start) == [
+                text_counts("\n".join(parts[:k + 1]), c) for k in range(start, len(parts))]
 
 
 def test_cached_results_equal_fresh_ones() -> None:
