@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,13 +28,34 @@ HISTORY_LABELS = {"previous_tier": "previous tier", "prior_attempt": "prior suic
                   "age_years": "age (years)", "conditions": "diagnoses (ICD-10)"}
 
 
-@dataclass
 class Verdict:
-    """The result of one test: its truth, the trace lines that explain it, and what was missing."""
+    """The result of one test: its truth, the trace lines that explain it, and what was missing.
 
-    value: Tri
-    lines: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
+    The lines are written only when read (``make``): a rule set is evaluated in full for every event, and
+    the traces of the rules that do not fire are never shown, so their words were most of the cost."""
+
+    __slots__ = ("value", "missing", "_lines", "_make")
+
+    def __init__(self, value: Tri, lines: list[str] | None = None, missing: list[str] | None = None, *,
+                 make: Callable[[], list[str]] | None = None) -> None:
+        self.value = value
+        self.missing = missing if missing is not None else []
+        self._lines = lines
+        self._make = make
+
+    @property
+    def lines(self) -> list[str]:
+        if self._lines is None:
+            self._lines = self._make() if self._make is not None else []
+            self._make = None
+        return self._lines
+
+    def __repr__(self) -> str:
+        return f"Verdict({self.value!r}, {self.lines!r}, {self.missing!r})"
+
+
+def _joined(parts: Sequence[Verdict]) -> Callable[[], list[str]]:
+    return lambda: [line for p in parts for line in p.lines]
 
 
 @dataclass(frozen=True)
@@ -105,38 +126,41 @@ def test_signal(test: Mapping[str, Any], sig: Signal, ctx: Context) -> Verdict:
     use_tier = test.get("field") == "tier"
     name = ctx.label(sig.name) + (" tier" if use_tier else "")
     if test.get("present"):
-        return Verdict(True, [f"{name} present"])
+        return Verdict(True, make=lambda: [f"{name} present"])
     if test.get("indeterminate"):
         if sig.missing:
-            return Verdict(True, [f"{name} indeterminate: missing {', '.join(sig.missing)}"], list(sig.missing))
-        return Verdict(False, [f"{name} complete"])
+            return Verdict(True, missing=list(sig.missing),
+                           make=lambda: [f"{name} indeterminate: missing {', '.join(sig.missing)}"])
+        return Verdict(False, make=lambda: [f"{name} complete"])
     op = _op_of(test)
     seen = _signal_value(sig, use_tier)
     literal = test[op]
     if seen is None:
-        return Verdict(None, [f"{name} unknown: missing {', '.join(sig.missing) or 'value'}"],
-                       list(sig.missing) or [sig.name])
+        return Verdict(None, missing=list(sig.missing) or [sig.name],
+                       make=lambda: [f"{name} unknown: missing {', '.join(sig.missing) or 'value'}"])
     held = _compare(op, seen, literal, use_tier)
     says = test.get("says")
     if held:
-        return Verdict(True, [f"{name} = {_fmt(seen)} ({SYMBOLS[op]} {_fmt(literal)})" + (f": {says}" if says else "")])
+        return Verdict(True, make=lambda: [f"{name} = {_fmt(seen)} ({SYMBOLS[op]} {_fmt(literal)})"
+                                           + (f": {says}" if says else "")])
     if sig.missing:
-        return Verdict(None, [(f"{name} = {_fmt(seen)} (not {SYMBOLS[op]} {_fmt(literal)}) but incomplete: "
-                              f"missing {', '.join(sig.missing)}")], list(sig.missing))
-    return Verdict(False, [f"{name} = {_fmt(seen)} (not {SYMBOLS[op]} {_fmt(literal)})"])
+        return Verdict(None, missing=list(sig.missing),
+                       make=lambda: [(f"{name} = {_fmt(seen)} (not {SYMBOLS[op]} {_fmt(literal)}) but incomplete: "
+                                      f"missing {', '.join(sig.missing)}")])
+    return Verdict(False, make=lambda: [f"{name} = {_fmt(seen)} (not {SYMBOLS[op]} {_fmt(literal)})"])
 
 
-def _combine_any(verdicts: list[Verdict], absent_line: str) -> Verdict:
+def _combine_any(verdicts: list[Verdict], absent_line: Callable[[], str]) -> Verdict:
     """Several signals of one name: holds if any holds; unknown if none holds and one is unknown."""
     if not verdicts:
-        return Verdict(False, [absent_line])
+        return Verdict(False, make=lambda: [absent_line()])
     held = [v for v in verdicts if v.value is True]
     if held:
-        return Verdict(True, [line for v in held for line in v.lines], [m for v in held for m in v.missing])
+        return Verdict(True, missing=[m for v in held for m in v.missing], make=_joined(held))
     unknown = [v for v in verdicts if v.value is None]
     if unknown:
-        return Verdict(None, [line for v in unknown for line in v.lines], [m for v in unknown for m in v.missing])
-    return Verdict(False, [line for v in verdicts for line in v.lines])
+        return Verdict(None, missing=[m for v in unknown for m in v.missing], make=_joined(unknown))
+    return Verdict(False, make=_joined(verdicts))
 
 
 def _window(ctx: Context, days: float) -> tuple[datetime, datetime, datetime]:
@@ -160,23 +184,22 @@ def evaluate(logic: Mapping[str, Any], ctx: Context) -> Verdict:
         decisive = not is_all  # any: one True decides; all: one False decides
         deciding = [p for p in parts if p.value is decisive]
         if deciding:
-            chosen = deciding if not is_all else deciding[:1]
-            return Verdict(decisive, [line for p in chosen for line in p.lines])
+            return Verdict(decisive, make=_joined(deciding if not is_all else deciding[:1]))
         unknown = [p for p in parts if p.value is None]
         if unknown:
-            return Verdict(None, [line for p in parts for line in p.lines],
-                           [m for p in unknown for m in p.missing])
-        return Verdict(not decisive, [line for p in parts for line in p.lines])
+            return Verdict(None, missing=[m for p in unknown for m in p.missing], make=_joined(parts))
+        return Verdict(not decisive, make=_joined(parts))
     if "not" in logic:
         inner = evaluate(logic["not"], ctx)
-        return Verdict(None if inner.value is None else not inner.value, inner.lines, inner.missing)
+        return Verdict(None if inner.value is None else not inner.value, missing=inner.missing,
+                       make=lambda: inner.lines)
     if "history" in logic:
         return _test_history(logic, ctx)
     if "count" in logic:
         return _test_count(logic, ctx)
     name = logic["signal"]
     verdicts = [test_signal(logic, s, ctx) for s in ctx.signals if s.name == name]
-    return _combine_any(verdicts, f"{ctx.label(name)}: not in this event")
+    return _combine_any(verdicts, lambda: f"{ctx.label(name)}: not in this event")
 
 
 def _test_history(test: Mapping[str, Any], ctx: Context) -> Verdict:
@@ -189,16 +212,16 @@ def _test_history(test: Mapping[str, Any], ctx: Context) -> Verdict:
         if prefixes:
             hits = [c for c in value if c.upper().startswith(tuple(p.upper() for p in prefixes))]
             if hits:
-                return Verdict(True, [f"{label} include {', '.join(hits)} ({'/'.join(prefixes)})"
-                                      + (f": {says}" if says else "")])
-            return Verdict(False, [f"{label}: none of {'/'.join(prefixes)}"])
+                return Verdict(True, make=lambda: [f"{label} include {', '.join(hits)} ({'/'.join(prefixes)})"
+                                                   + (f": {says}" if says else "")])
+            return Verdict(False, make=lambda: [f"{label}: none of {'/'.join(prefixes)}"])
     if value is None:
-        return Verdict(None, [f"{label}: unknown"], [f"history.{key}"])
+        return Verdict(None, missing=[f"history.{key}"], make=lambda: [f"{label}: unknown"])
     op = _op_of(test)
     literal = test[op]
     held = _compare(op, value, literal, key == "previous_tier")
-    words = f"{label} = {_fmt(value)} ({'' if held else 'not '}{SYMBOLS[op]} {_fmt(literal)})"
-    return Verdict(held, [words + (f": {says}" if held and says else "")])
+    return Verdict(held, make=lambda: [f"{label} = {_fmt(value)} ({'' if held else 'not '}{SYMBOLS[op]} "
+                                       f"{_fmt(literal)})" + (f": {says}" if held and says else "")])
 
 
 def _test_count(test: Mapping[str, Any], ctx: Context) -> Verdict:
@@ -234,12 +257,15 @@ def _test_count(test: Mapping[str, Any], ctx: Context) -> Verdict:
     literal = test[op]
     outcomes = {OPS[op](n, literal) for n in range(sure, sure + unsure + 1)}
     value: Tri = outcomes.pop() if len(outcomes) == 1 else None
-    what = ctx.label(inner["signal"]) + (" tier" if inner.get("field") == "tier" else "")
-    inner_op = _op_of(inner) if any(k in inner for k in COMPARISONS) else ""
-    cond = f" {SYMBOLS[inner_op]} {_fmt(inner[inner_op])}" if inner_op else ""
-    where = {"current": "in this event", "recent": "in history", "all": "including this event"}[scope]
-    line = (f"{what}{cond}: {sure} time(s) within {days:g} days {where}"
-            + (f" (+{unsure} undecided)" if unsure else "")
-            + f" ({'' if value else 'not '}{SYMBOLS[op]} {literal})")
-    says = test.get("says")
-    return Verdict(value, [line + (f": {says}" if value and says else "")], missing if value is None else [])
+
+    def words() -> list[str]:
+        what = ctx.label(inner["signal"]) + (" tier" if inner.get("field") == "tier" else "")
+        inner_op = _op_of(inner) if any(k in inner for k in COMPARISONS) else ""
+        cond = f" {SYMBOLS[inner_op]} {_fmt(inner[inner_op])}" if inner_op else ""
+        where = {"current": "in this event", "recent": "in history", "all": "including this event"}[scope]
+        line = (f"{what}{cond}: {sure} time(s) within {days:g} days {where}"
+                + (f" (+{unsure} undecided)" if unsure else "")
+                + f" ({'' if value else 'not '}{SYMBOLS[op]} {literal})")
+        says = test.get("says")
+        return [line + (f": {says}" if value and says else "")]
+    return Verdict(value, missing=missing if value is None else [], make=words)

@@ -144,6 +144,11 @@ class RuleSet:
 
     def explain(self, signals: Sequence[Signal], history: History, now: datetime) -> Explanation:
         """Evaluate every rule and keep each decision (what ``evaluate`` returns, with the reasons)."""
+        return self._decide(signals, history, now, trace_all=True)
+
+    def _decide(self, signals: Sequence[Signal], history: History, now: datetime, *, trace_all: bool) -> Explanation:
+        """``explain``; without ``trace_all`` the rules that did not fire keep no trace (only ``explain``
+        shows those; the outcome carries the traces of the rules that fired or were undecided)."""
         ctx = Context(tuple(signals), history, now, self.labels)
         decisions = []
         for rule in self.rules:
@@ -162,7 +167,8 @@ class RuleSet:
                 trace = ("undecided: missing data; missing data never lowers the tier",) + tuple(verdict.lines)
                 decisions.append(RuleDecision(rule, None, trace, missing, None, flags, actions))
             else:
-                decisions.append(RuleDecision(rule, False, tuple(verdict.lines), (), None, frozenset(), ()))
+                decisions.append(RuleDecision(rule, False, tuple(verdict.lines) if trace_all else (), (), None,
+                                              frozenset(), ()))
 
         acting = [d for d in decisions if d.value is not False]
         tier = history.previous_tier or RiskTier.NONE
@@ -192,7 +198,7 @@ class RuleSet:
         Rules left undecided by missing data are listed in ``fired`` (their trace starts "undecided") and
         add the ``indeterminate`` flag and their ``if_indeterminate`` actions; they never lower anything.
         """
-        return self.explain(signals, history, now).outcome
+        return self._decide(signals, history, now, trace_all=False).outcome
 
 
 def _canonical(data: Any) -> bytes:
