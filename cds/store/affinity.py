@@ -73,7 +73,7 @@ class ClaimAffinity:
                 self._checked = time.monotonic()
                 try:
                     self._share = self._read_share()
-                except psycopg.Error as exc:
+                except Exception as exc:  # noqa: BLE001 - a preference only: it must never stop a worker claiming
                     # The slot's connection is gone (PostgreSQL restarted, a network cut): so is its lock.
                     # No preference until a slot is taken again at the next refresh.
                     log.warning("claim affinity off until the database answers again",

@@ -69,7 +69,7 @@ def claim_pending(conn: psycopg.Connection[Any], cipher: Cipher, limit: int,
     claim at once and another worker processes the events; nothing is claimed twice.
 
     With a ``share`` (cds.store.affinity), only the events of this worker's patients, and any event that
-    has waited ``share.steal_after_s``, oldest first.
+    has waited ``share.steal_after_s``; in id order (the order they were stored) either way.
     """
     if share is None:
         rows = conn.execute(

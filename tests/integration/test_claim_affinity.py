@@ -157,3 +157,17 @@ def test_a_pipeline_with_a_share_assesses_only_its_patients(service: Any) -> Non
         service.pipeline.affinity.close()
         service.pipeline.affinity = None
         other.close()
+
+
+def test_a_database_that_cannot_give_a_slot_means_no_preference_not_no_claims(service: Any) -> None:
+    from cds.store.affinity import ClaimAffinity
+
+    refs = _ingest(service, 4, per_patient=1)
+    unreachable = ClaimAffinity("postgresql://cds@127.0.0.1:1/cds?connect_timeout=2", 10.0, refresh_s=0)
+    service.pipeline.affinity = unreachable
+    try:
+        assert unreachable.share() is None
+        assert len(service.pipeline.process_pending()) == len(refs)  # claimed in plain id order
+    finally:
+        service.pipeline.affinity = None
+        unreachable.close()
