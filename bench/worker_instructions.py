@@ -29,7 +29,6 @@ import time
 import uuid
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 BATCH = 22
 
@@ -58,7 +57,7 @@ def main() -> None:
     from cds.store.affinity import ClaimAffinity
     from cds.store.db import migrate, start_embedded, stop_embedded
     from integrations.fhir.history import PatientHistory
-    from tests.samples import chat
+    from tests.samples import stored_chat
 
     tmp = Path(tempfile.mkdtemp(prefix="cds-instructions-"))
     url = start_embedded(tmp / "pg")
@@ -88,13 +87,10 @@ def main() -> None:
 
         def ingest(start: int, end: int) -> None:
             for i in range(start, end, BATCH):
-                resources: list[dict[str, Any]] = []
-                for j, (ref, text, _) in enumerate(day[i:min(i + BATCH, end)]):
-                    r = chat(ref, text, session=f"S-{ref}")
-                    r["id"] = str(uuid.UUID(int=i + j + 1))
-                    r["meta"] = {"versionId": "1", "lastUpdated": "2026-12-07T10:00:00.000Z"}
-                    resources.append(r)
-                svc.pipeline.ingest_batch(resources, source="ehr")
+                svc.pipeline.ingest_batch([stored_chat(ref, text, session=f"S-{ref}",
+                                                       resource_id=str(uuid.UUID(int=i + j + 1)))
+                                           for j, (ref, text, _) in enumerate(day[i:min(i + BATCH, end)])],
+                                          source="ehr")
 
         def drain() -> int:
             n = k = idle = 0

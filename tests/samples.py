@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +37,14 @@ def chat(patient_ref: str, text: str, *, session: str = "S-1", sent: str = "2026
             "identifier": [{"system": "http://hospital.example.org/chat-session", "value": session}],
             "category": [{"text": "counselling-chat"}], "sent": sent,
             "sender": {"reference": sender or patient_ref}, "payload": [{"contentString": text}]}
+
+
+def stored_chat(patient_ref: str, text: str, *, session: str, resource_id: str | None = None) -> dict[str, Any]:
+    """``chat`` as the EHR hands it out: with an id and ``meta.versionId`` (what an ingested event is keyed by)."""
+    r = chat(patient_ref, text, session=session)
+    r["id"] = resource_id or str(uuid.uuid4())
+    r["meta"] = {"versionId": "1", "lastUpdated": "2026-12-07T10:00:00.000Z"}
+    return r
 
 
 def sign_in(client: Any, service: Any, role: str = "nurse", *, username: str | None = None,

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import numpy.typing as npt
 
 from cds.domain import FLAG_HARM_TO_OTHERS, FLAG_VICTIMISATION, Evidence, RiskTier, Signal
 from cds.errors import InputError, ModelError
+from cds.lru import Lru
 from cds.nlp.features import (
     FeatureConfig,
     edge_words,
@@ -47,37 +47,6 @@ CONTEXT_MESSAGES = 10  # messages the model reads together in a conversation win
 # core) spins between runs and burned ~5 ms of CPU per assessed message that PostgreSQL and the EHR needed.
 INTRA_OP_THREADS = 1
 CACHE_TEXTS = 65536  # per-message results kept: a conversation's earlier messages are read again with each new one
-
-
-class _Lru:
-    """A small thread-safe LRU map of deterministic results: a hit equals a recomputation. ``get``
-    answers None for a miss (values are never None)."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._data: OrderedDict[Hashable, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable) -> Any:
-        with self._lock:
-            value = self._data.get(key)
-            if value is not None:
-                self._data.move_to_end(key)
-            return value
-
-    def put(self, key: Hashable, value: Any) -> None:
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
-
-    def get_or_make(self, key: Hashable, make: Callable[[], Any]) -> Any:
-        value = self.get(key)
-        if value is None:
-            value = make()
-            self.put(key, value)
-        return value
 
 
 @dataclass(frozen=True)
@@ -228,9 +197,9 @@ class TextRiskModel:
         self.lexicon_dir = lexicon_dir
         lexicons(lexicon_dir)  # fail at load, not at the first message
         traditional_to_simplified()  # the script table too (~0.1 s), not on the first message
-        self._text_cache = _Lru(CACHE_TEXTS)  # text -> (n-gram counts, edge words)
-        self._result_cache = _Lru(CACHE_TEXTS)  # (text, lang) -> TextResult
-        self._window_cache = _Lru(CACHE_TEXTS)  # tuple of a window's messages -> head probabilities
+        self._text_cache = Lru(CACHE_TEXTS)  # text -> (n-gram counts, edge words)
+        self._result_cache = Lru(CACHE_TEXTS)  # (text, lang) -> TextResult
+        self._window_cache = Lru(CACHE_TEXTS)  # tuple of a window's messages -> head probabilities
 
     @classmethod
     def load(cls, model_dir: Path | None = None, providers: Sequence[str] | None = None) -> TextRiskModel:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +10,7 @@ import psycopg
 
 from cds.domain import Event
 from cds.errors import CryptoError
+from cds.lru import Lru
 from cds.store.affinity import Share
 from cds.store.cipher import Cipher, open_json, seal_json
 from compliance.crypto import SEAL_ID_BYTES
@@ -56,6 +55,12 @@ def _load(conn: psycopg.Connection[Any], cipher: Cipher, row: Sequence[Any]) -> 
     return StoredEvent(id=eid, attempts=attempts, event=Event(
         source=source, resource_type=rtype, resource_id=rid, version_id=vid, patient_ref=patient,
         resource=resource, received_at=updated, conversation_id=conv), seal=bytes(blob[:SEAL_ID_BYTES]))
+
+
+def load_event(conn: psycopg.Connection[Any], cipher: Cipher, event_id: int) -> StoredEvent | None:
+    """One stored event, decrypted; None when there is none with that id."""
+    row = conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = %s", (event_id,)).fetchone()
+    return _load(conn, cipher, row) if row is not None else None
 
 
 RETRY_BASE_S = 5.0
@@ -157,16 +162,14 @@ class ContextCache:
     (``Cipher.sealed_by_live_key``), so an erasure reaches it as it reaches the key cache."""
 
     def __init__(self, maxsize: int = 32768) -> None:
-        self.maxsize = maxsize
-        self._data: OrderedDict[tuple[int, bytes], str | None] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lru = Lru(maxsize)  # key -> (text,): a 1-tuple, so that a None text is not a miss
+
+    def __len__(self) -> int:
+        return len(self._lru)
 
     def get(self, key: tuple[int, bytes]) -> tuple[bool, str | None]:
-        with self._lock:
-            if key not in self._data:
-                return False, None
-            self._data.move_to_end(key)
-            return True, self._data[key]
+        held: tuple[str | None] | None = self._lru.get(key)
+        return (False, None) if held is None else (True, held[0])
 
     def remember(self, stored: StoredEvent) -> None:
         """Keep what a message just read (claimed) says, for when it is the context of the next ones."""
@@ -178,11 +181,7 @@ class ContextCache:
                      if is_patient_authored(ev.resource, ev.patient_ref) else None)
 
     def put(self, key: tuple[int, bytes], text: str | None) -> None:
-        with self._lock:
-            self._data[key] = text
-            self._data.move_to_end(key)
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
+        self._lru.put(key, (text,))
 
 
 def conversation_texts(conn: psycopg.Connection[Any], cipher: Cipher, stored: StoredEvent,

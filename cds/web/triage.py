@@ -113,21 +113,13 @@ def _event_messages(conn: psycopg.Connection[Any], cipher: Any, event_id: int) -
     from cds.store import events as event_store
     from integrations.fhir.mapping import communication_text
 
-    row = conn.execute("SELECT id, source, resource_type, resource_id, version_id, patient_ref, conversation_id,"
-                       " source_updated, resource_enc, attempts FROM events WHERE id = %s", (event_id,)).fetchone()
-    if row is None:
+    stored = event_store.load_event(conn, cipher, event_id)
+    if stored is None:
         return None
-    (eid, source, rtype, rid, vid, patient, conv, updated, blob, attempts) = row
-    from cds.domain import Event
-    from cds.store.cipher import open_json
-
-    resource = open_json(cipher, conn, blob, event_store.event_aad(source, rtype, rid, vid))
-    if rtype != "Communication":
-        return str(rtype), []
-    stored = event_store.StoredEvent(id=eid, attempts=attempts, event=Event(
-        source=source, resource_type=rtype, resource_id=rid, version_id=vid, patient_ref=patient,
-        resource=resource, received_at=updated, conversation_id=conv))
-    return str(rtype), [*event_store.conversation_texts(conn, cipher, stored), communication_text(resource)]
+    if stored.event.resource_type != "Communication":
+        return stored.event.resource_type, []
+    return "Communication", [*event_store.conversation_texts(conn, cipher, stored),
+                             communication_text(stored.event.resource)]
 
 
 def _steps(actions: Sequence[dict[str, Any]]) -> tuple[str, ...]:

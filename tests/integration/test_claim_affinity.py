@@ -4,25 +4,19 @@ leaves its patients to the others at once."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import pytest
 
-from tests.samples import chat
+from tests.samples import stored_chat
 
 pytestmark = pytest.mark.integration
 
 
 def _ingest(service: Any, n_patients: int, per_patient: int = 2) -> list[str]:
     refs = [f"Patient/aff-{i}" for i in range(n_patients)]
-    resources = []
-    for k in range(per_patient):
-        for ref in refs:
-            r = chat(ref, f"message {k} of {ref}", session=f"S-{ref}")
-            r["id"] = str(uuid.uuid4())
-            r["meta"] = {"versionId": "1", "lastUpdated": "2026-12-07T10:00:00.000Z"}
-            resources.append(r)
+    resources = [stored_chat(ref, f"message {k} of {ref}", session=f"S-{ref}")
+                 for k in range(per_patient) for ref in refs]
     results = service.pipeline.ingest_batch(resources, source="ehr")
     assert all(r.event_id is not None and not r.duplicate for r in results)
     return refs

@@ -4,12 +4,11 @@ messages are never served from it."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import pytest
 
-from tests.samples import chat
+from tests.samples import stored_chat
 
 pytestmark = pytest.mark.integration
 
@@ -17,9 +16,7 @@ REF = "Patient/ctx-1"
 
 
 def _say(service: Any, text: str) -> str:
-    r = chat(REF, text, session="S-ctx")
-    r["id"] = str(uuid.uuid4())
-    r["meta"] = {"versionId": "1", "lastUpdated": "2026-12-07T10:00:00.000Z"}
+    r = stored_chat(REF, text, session="S-ctx")
     [result] = service.pipeline.ingest_batch([r], source="ehr")
     assert result.event_id is not None
     return str(r["id"])
@@ -70,10 +67,10 @@ def test_an_erased_patients_messages_are_not_served_from_the_cache(service: Any)
 
     _say(service, "I keep thinking about the pills")
     [done] = service.pipeline.process_pending()
-    assert done.status == "done" and len(service.pipeline.context_cache._data) == 1  # kept as it was assessed
+    assert done.status == "done" and len(service.pipeline.context_cache) == 1  # kept as it was assessed
     _say(service, "work was long")
     [done] = service.pipeline.process_pending()
-    assert done.status == "done" and len(service.pipeline.context_cache._data) == 2
+    assert done.status == "done" and len(service.pipeline.context_cache) == 2
     with service.pool.connection() as conn:
         assert erase_subject(conn, REF, "PIPL Art. 47 request (test)", "Practitioner/dpo") == 1
     _say(service, "I bought them today")
