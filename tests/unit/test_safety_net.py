@@ -685,3 +685,31 @@ def test_a_time_word_beside_a_passive_wish_is_not_timing(conversation: list[str]
 @pytest.mark.parametrize("conversation", [["我想死", "今晚就去"], ["I want to die", "tonight"]])
 def test_a_time_word_beside_intent_still_is(conversation: list[str]) -> None:
     assert conversation_scan(conversation).tier == RiskTier.HIGH
+
+
+@pytest.mark.parametrize("text,lang", [  # zh / en 1.17.0: murder-suicide: the person killed is the object
+    ("先杀了你再自杀", "zh"), ("我想杀了他然后自杀", "zh"), ("我打了他，然后想自杀", "zh"),
+    ("I will kill you and then kill myself", "en"),
+])
+def test_the_person_a_violent_verb_acts_on_is_not_who_dies_next(text: str, lang: str) -> None:
+    result = safety_net_scan(text, lang)
+    assert result.tier is not None and result.tier >= RiskTier.MODERATE and result.harm_to_others, result.hits
+
+
+@pytest.mark.parametrize("text,lang", [("他骂了你以后，你想自杀吗", "zh"), ("I hit you and then you said you want to die", "en")])
+def test_the_object_rule_still_leaves_the_next_subject_alone(text: str, lang: str) -> None:
+    assert safety_net_scan(text, lang).tier is None, safety_net_scan(text, lang).hits
+
+
+@pytest.mark.parametrize("text", ["如果和家里人都很不愉快，只有自杀一个方法能报复吗？", "我有自杀心"])
+def test_kill_inside_suicide_is_not_aggression(text: str) -> None:  # zh 1.17.0: 杀一个 / 杀心 inside 自杀一个 / 自杀心
+    assert not safety_net_scan(text, "zh").harm_to_others, safety_net_scan(text, "zh").hits
+
+
+@pytest.mark.parametrize("text,lang,flag", [  # zh / en 1.17.0: a killing the speaker did
+    ("我杀了一个人", "zh", True), ("我杀人了", "zh", True), ("我想杀一个人", "zh", True), ("我没杀人", "zh", False),
+    ("我杀了一个小时的怪", "zh", False), ("I killed a man", "en", True), ("I killed someone last year", "en", True),
+    ("I killed a spider", "en", False), ("I killed it at the gym", "en", False), ("I shot him a text", "en", False),
+])
+def test_a_killing_by_the_speaker_flags_harm_to_others(text: str, lang: str, flag: bool) -> None:
+    assert safety_net_scan(text, lang).harm_to_others is flag, safety_net_scan(text, lang).hits
