@@ -713,3 +713,41 @@ def test_kill_inside_suicide_is_not_aggression(text: str) -> None:  # zh 1.17.0:
 ])
 def test_a_killing_by_the_speaker_flags_harm_to_others(text: str, lang: str, flag: bool) -> None:
     assert safety_net_scan(text, lang).harm_to_others is flag, safety_net_scan(text, lang).hits
+
+
+# Hand-written Chinese counselling-chat turns (not from any data set; the model card's "Known failure modes" counts
+# what the model alone does with them). The safety net must stay quiet on the everyday ones whatever the model says.
+EVERYDAY_ZH = [
+    "不用啦，就是吐槽一下", "吃完饭就去打球", "今天上班好累啊", "我明天要考试，有点紧张", "谢谢你，聊完好多了",
+    "最近睡得不太好，老是做梦", "周末打算和朋友去爬山", "老板今天又骂人了，烦死了", "我妈让我早点回家", "下周见",
+    "好的，我试试那个呼吸练习", "今天天气真好", "刚下班，准备做饭", "我养的猫生病了，带它去看医生了", "最近工作压力有点大",
+    "你好，我想预约下周的咨询", "我男朋友忘了我的生日，有点生气", "考试没考好，心情一般", "吃了药以后头有点晕",
+    "晚上失眠，看了会书", "我想换个工作", "孩子今天发烧了", "地铁上人好多", "今天和同事吵了一架", "我觉得自己有点拖延症",
+    "最近在减肥，好饿", "我喜欢听音乐放松", "明天要早起赶飞机", "我奶奶去年去世了，有时候会想她", "哈哈，笑死我了",
+    "这个作业要了我的命", "我累死了，先睡了", "医生说我的焦虑好一些了", "我每天都按时吃药", "上次你说的方法挺有用的",
+    "我和室友关系一般", "心情不好的时候我会去跑步", "有点想家", "今天哭了一会儿，现在好多了", "最近总是很烦躁",
+]
+
+
+@pytest.mark.parametrize("text", EVERYDAY_ZH)
+def test_everyday_chinese_chat_raises_nothing(text: str) -> None:
+    result = safety_net_scan(text, "zh")
+    assert result.tier is None and not result.harm_to_others, result.hits
+
+
+@pytest.mark.parametrize("text", [
+    "我不想活了", "我已经把药攒够了", "我想从楼上跳下去", "今晚就结束这一切", "活着没有意义", "我割了自己的手腕", "我写好了遗书",
+    "我想死", "我买了炭，打算这周末", "每天都在想怎么死", "我是家里的累赘", "要是睡着了再也不醒就好了", "我站在天台边上",
+    "我想消失", "我真的撑不下去了", "我想伤害自己", "我上个月自杀过一次",
+])
+def test_risky_chinese_chat_is_counted_alone(text: str) -> None:
+    assert safety_net_scan(text, "zh").tier is not None, safety_net_scan(text, "zh").hits
+
+
+@pytest.mark.parametrize("conversation", [  # a means, a farewell or "nobody cares" alone is not counted; after intent it is
+    ["我想死", "刀已经准备好了"], ["我不想活了", "再见了，谢谢你们"], ["我想自杀", "没有人会在乎我死不死"],
+])
+def test_context_words_in_chinese_chat_count_after_intent(conversation: list[str]) -> None:
+    assert safety_net_scan(conversation[1], "zh").tier is None
+    assert conversation_scan(conversation, "zh").tier is not None
+    assert conversation_scan(conversation, "zh").tier >= RiskTier.MODERATE
