@@ -32,7 +32,7 @@ def _resources(doc: Any) -> list[dict[str, Any]]:
 
 
 def assess_file(path: Path, settings: Settings, engines: Engines | None = None) -> dict[str, Any]:
-    from integrations.fhir.mapping import communication_text, is_patient_authored, to_event
+    from integrations.fhir.mapping import patient_text, to_event
 
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -61,9 +61,9 @@ def assess_file(path: Path, settings: Settings, engines: Engines | None = None) 
         context = conversations.setdefault(event.conversation_id, []) if event.conversation_id else []
         result = assess(event, History(previous_tier=previous, recent_signals=tuple(recent)), engines,
                         now=event.received_at or now, context=list(context))
-        if event.resource_type == "Communication" and is_patient_authored(event.resource, event.patient_ref) \
-                and event.conversation_id:
-            context.append(communication_text(event.resource))
+        said = patient_text(event.resource, event.patient_ref) if event.resource_type == "Communication" else None
+        if said is not None and event.conversation_id:
+            context.append(said)
         if result is None:
             continue
         a = result.assessment

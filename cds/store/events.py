@@ -173,12 +173,11 @@ class ContextCache:
 
     def remember(self, stored: StoredEvent) -> None:
         """Keep what a message just read (claimed) says, for when it is the context of the next ones."""
-        from integrations.fhir.mapping import communication_text, is_patient_authored
+        from integrations.fhir.mapping import patient_text
 
         ev = stored.event
         if stored.seal and ev.conversation_id and ev.resource_type == "Communication":
-            self.put((stored.id, stored.seal), communication_text(ev.resource)
-                     if is_patient_authored(ev.resource, ev.patient_ref) else None)
+            self.put((stored.id, stored.seal), patient_text(ev.resource, ev.patient_ref))
 
     def put(self, key: tuple[int, bytes], text: str | None) -> None:
         self._lru.put(key, (text,))
@@ -196,7 +195,7 @@ def conversation_texts_deferred(conn: psycopg.Connection[Any], cipher: Cipher, s
                                 limit: int = CONTEXT_MESSAGES) -> Callable[[], list[str]]:
     """``conversation_texts``, asked now and read (and decrypted, where ``cache`` does not hold it) when
     called (in pipeline mode the query shares the next round trip)."""
-    from integrations.fhir.mapping import communication_text, is_patient_authored
+    from integrations.fhir.mapping import patient_text
 
     ev = stored.event
     if not ev.conversation_id:
@@ -211,11 +210,11 @@ def conversation_texts_deferred(conn: psycopg.Connection[Any], cipher: Cipher, s
             known, text = cache.get((int(row[0]), bytes(row[8][:SEAL_ID_BYTES])))
             if known:
                 return text
-        loaded = _load(conn, cipher, row)
+        loaded = _load(conn, cipher, row)  # a Communication of this patient's conversation (the query's)
+        text = patient_text(loaded.event.resource, ev.patient_ref)
         if cache is not None:
-            cache.remember(loaded)
-        resource = loaded.event.resource
-        return communication_text(resource) if is_patient_authored(resource, ev.patient_ref) else None
+            cache.put((loaded.id, loaded.seal), text)  # what remember() would keep, without working it out again
+        return text
 
     def read() -> list[str]:
         texts = [text_of(row) for row in reversed(cur.fetchall())]

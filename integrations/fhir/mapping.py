@@ -108,6 +108,11 @@ def is_patient_authored(resource: Mapping[str, Any], patient_ref: str) -> bool:
     return sender is None or reference_id(sender, "Patient") == patient_ref
 
 
+def patient_text(resource: Mapping[str, Any], patient_ref: str) -> str | None:
+    """What the patient said in a Communication; None when someone else (bot, counsellor) sent it."""
+    return communication_text(resource) if is_patient_authored(resource, patient_ref) else None
+
+
 def to_event(resource: Any, *, source: str, received_at: datetime | None = None) -> Event:
     """Validate and normalise one inbound resource. Raises InputError saying what is wrong."""
     if not isinstance(resource, Mapping):
