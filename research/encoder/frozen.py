@@ -19,10 +19,10 @@ from scipy import sparse
 from cds.nlp import model as M
 from cds.nlp import train as T
 from cds.nlp.data import load_examples
+from cds.nlp.e5_weights import load, tokenizer
 from cds.nlp.features import FeatureConfig
 from cds.nlp.safety_net import safety_net_scan
 from research.encoder.e5_onnx import embed, session
-from research.encoder.e5_weights import Tokenizer, load
 
 
 def served_tiers(examples, prob, thresholds, scans) -> np.ndarray:
@@ -68,8 +68,8 @@ def main() -> None:
     sn_means = np.array([M.names_means(r) for r in scans])
     emb = None
     if any(args.alpha):
-        tok = Tokenizer(load())
-        emb = embed(session(args.encoder), [tok.encode("passage: " + e.text[:3000], 256) for e in examples])
+        tok = tokenizer(load())
+        emb = embed(session(args.encoder), [tok.encode(e.text, 256) for e in examples])
         emb -= emb[rows].mean(axis=0)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-9
     for alpha in args.alpha:

@@ -4,9 +4,7 @@ conversations, the safety-net floor and the CLI. Never trains the full model."""
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
-import random
 import re
 import shutil
 from collections.abc import Iterator
@@ -24,66 +22,7 @@ from cds.errors import ModelError
 from cds.nlp import TextRiskModel
 from cds.nlp.commands import classify_command, model_group
 from cds.nlp.model import HEADS, read_manifest
-
-_ZH_RISK = ["我真的不想活了", "活着好累，想消失", "我想自杀", "我攒了很多安眠药", "我打算今晚跳楼", "好想死啊"]
-_ZH_SAFE = ["今天天气很好", "工作压力有点大", "谢谢你陪我聊天", "我和朋友去吃饭了", "考试考得还行", "最近睡得不错"]
-_EN_RISK = ["I want to kill myself", "I can't go on anymore", "I have been cutting myself", "no reason to live"]
-_EN_SAFE = ["I had a nice walk today", "work was stressful", "thanks for listening", "my exam went fine"]
-
-
-def _write_tiny_data(root: Path, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    (root / "psysuicide_zh").mkdir(parents=True)
-    rows = []
-    for i in range(120):
-        risky = i % 3 == 0
-        text = rng.choice(_ZH_RISK if risky else _ZH_SAFE) + rng.choice(["", "。", "，真的", "啊"])
-        label = [0.0] * 11
-        label[3 if risky else 10] = 1.0
-        if i % 17 == 0:
-            text, label = "我想杀了他", [0.0] * 7 + [1.0] + [0.0] * 3
-        if i % 19 == 0:
-            text, label = "他又打我了", [0.0] * 8 + [1.0] + [0.0] * 2
-        rows.append({"idx": i, "text": text, "labels": [], "data_source": "client_machine", "label": label})
-    (root / "psysuicide_zh" / "valid.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    (root / "sos4k_zh").mkdir()
-    for name, n in (("train", 40), ("val", 15)):
-        with (root / "sos4k_zh" / f"{name}.tsv").open("w", encoding="utf-8", newline="") as fh:
-            w = csv.writer(fh, delimiter="\t")
-            w.writerow(["comment", "level"])
-            for i in range(n):
-                level = i % 11
-                w.writerow([rng.choice(_ZH_RISK if level >= 4 else _ZH_SAFE) + f"{i}", level])
-    (root / "cssrs_reddit_en").mkdir()
-    with (root / "cssrs_reddit_en" / "users.csv").open("w", encoding="utf-8", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["User", "Post", "Label"])
-        labels = ["Supportive", "Indicator", "Ideation", "Behavior", "Attempt"]
-        for i in range(20):
-            lab = labels[i % 5]
-            posts = [rng.choice(_EN_RISK if i % 5 >= 2 else _EN_SAFE) for _ in range(3)]
-            w.writerow([f"user-{i}", repr(posts), lab])
-    (root / "sdcnl_en").mkdir()
-    with (root / "sdcnl_en" / "training-set.csv").open("w", encoding="utf-8", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["title", "selftext", "is_suicide"])
-        for i in range(20):
-            w.writerow(["post", rng.choice(_EN_RISK if i % 2 else _EN_SAFE), i % 2])
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_tiny_data(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("model")
-    res = CliRunner().invoke(model_group, ["train", "--data-dir", str(tiny_data), "--sample", "200",
-                                           "--out", str(out), "--seed", "7"])
-    assert res.exit_code == 0, res.output
-    return out
+from tests.unit.conftest import EN_RISK, EN_SAFE, TINY_ENCODER, ZH_RISK, ZH_SAFE
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +34,13 @@ def model(tiny_model_dir: Path) -> TextRiskModel:
 
 def test_training_is_reproducible(tiny_data: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(model_group, ["train", "--data-dir", str(tiny_data), "--sample", "200",
-                                           "--out", str(tmp_path), "--seed", "7", "--no-eval"])
+                                           "--out", str(tmp_path), "--seed", "7", "--no-eval", *TINY_ENCODER])
     assert res.exit_code == 0, res.output
-    first = read_manifest(tiny_model_dir)["sha256"]
-    assert re.findall(r'"sha256": "([0-9a-f]{64})"', res.output) == [first]
-    assert (tmp_path / "model.onnx").read_bytes() == (tiny_model_dir / "model.onnx").read_bytes()
+    first = read_manifest(tiny_model_dir)
+    assert re.findall(r'"sha256": "([0-9a-f]{64})"', res.output) == [first["bundle_sha256"]]
+    assert set(first["files"]) == {"model.onnx", "encoder.onnx", "tokenizer.json"}
+    for name in first["files"]:
+        assert (tmp_path / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
 
 
 def test_retraining_in_place_evaluates_the_new_model(tiny_data: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -112,7 +53,7 @@ def test_retraining_in_place_evaluates_the_new_model(tiny_data: Path, tiny_model
     stale["thresholds"] = {lang: {h: 0.99 for h in HEADS} for lang in ("zh", "en", "default")}
     (out / "manifest.json").write_text(json.dumps(stale), encoding="utf-8")
     res = CliRunner().invoke(model_group, ["train", "--data-dir", str(tiny_data), "--sample", "200",
-                                           "--out", str(out), "--seed", "7"])
+                                           "--out", str(out), "--seed", "7", *TINY_ENCODER])
     assert res.exit_code == 0, res.output
     assert read_manifest(out)["thresholds"] == read_manifest(tiny_model_dir)["thresholds"]
     assert read_manifest(out)["metrics"] == read_manifest(tiny_model_dir)["metrics"]
@@ -325,7 +266,7 @@ def test_conversation_tier_does_not_drop_after_a_denial(model: TextRiskModel) ->
     assert after.tier >= before.tier
 
 
-_POOL = _ZH_RISK + _ZH_SAFE + _EN_RISK + _EN_SAFE + ["I was joking", "开玩笑的", "我不想死", "lol"]
+_POOL = ZH_RISK + ZH_SAFE + EN_RISK + EN_SAFE + ["I was joking", "开玩笑的", "我不想死", "lol"]
 
 
 @settings(max_examples=25, deadline=None)

