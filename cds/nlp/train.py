@@ -40,10 +40,8 @@ from cds.nlp.model import (
 )
 from cds.nlp.safety_net import lexicons, safety_net_scan
 
-MODEL_VERSION = "1.2.0"
-# With the encoder (`cds model train --encoder`, not the shipped model): the n-gram graph keeps MODEL_VERSION, the
-# manifest says which encoder joined it.
-ENCODER_SUFFIX = "+e5-{layers}"
+MODEL_VERSION = "1.2.0"  # the n-gram heads alone (`cds model train`)
+ENCODER_MODEL_VERSION = "2.0.0"  # with the fine-tuned encoder (`cds model train --encoder`)
 DEFAULT_C = 16.0
 FOLDS = 5
 # Recall the thresholds aim for on out-of-fold data (a margin above the project's 0.90 targets).
@@ -493,8 +491,9 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
     if save_oof is not None:  # for analysis: what the thresholds were chosen on
         np.savez_compressed(save_oof, ngram=oof, encoder=enc_oof,
                             sn_tier=sn_tier, sn_harm=sn_harm, sn_means=sn_means, rows=rows)
+    version = ENCODER_MODEL_VERSION if encoder_entry else MODEL_VERSION
     model = build_graph(m.idf, w.astype(np.float32), b.astype(np.float32),
-                        doc=f"psych-cds text risk model {MODEL_VERSION}; heads {', '.join(HEADS)}")
+                        doc=f"psych-cds text risk model {version}; heads {', '.join(HEADS)}")
     onnx_path = out_dir / "model.onnx"
     onnx_path.write_bytes(model.SerializeToString())
     digest = sha256_file(onnx_path)
@@ -506,7 +505,7 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
     counts = Counter((e.source, e.split, "none" if e.tier is None else str(e.tier)) for e in examples)
     manifest: dict[str, Any] = {
         "name": "psych-cds text risk model",
-        "version": MODEL_VERSION + (ENCODER_SUFFIX.format(layers=encoder_entry["layers"]) if encoder_entry else ""),
+        "version": version,
         "sha256": digest,
         "file": "model.onnx",
         "size_bytes": onnx_path.stat().st_size,
