@@ -165,16 +165,17 @@ class Encoder:
         the onnxruntime session (the same providers and options as the n-gram model's)."""
         from cds.nlp.model import verified_file
 
-        onnx_path = verified_file(model_dir, entry["file"], entry["sha256"])
-        tok_path = verified_file(model_dir, entry["tokenizer"], entry["tokenizer_sha256"])
         try:
+            onnx_path = verified_file(model_dir, entry["file"], entry["sha256"])
+            tok_path = verified_file(model_dir, entry["tokenizer"], entry["tokenizer_sha256"])
             tokenizer = Tokenizer.from_json(json.loads(tok_path.read_text(encoding="utf-8")))
             head_w = np.array(entry["head"]["weight"], np.float32)
             head_b = np.array(entry["head"]["bias"], np.float32)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ModelError(f"text model encoder files in {model_dir} are unreadable: {exc}") from exc
-        if head_w.shape != (4, int(entry["hidden"])) or head_b.shape != (4,):
-            raise ModelError(f"text model encoder head has shape {head_w.shape}, expected (4, {entry['hidden']})")
+            hidden = int(entry["hidden"])
+        except (KeyError, ValueError, TypeError) as exc:  # a manifest entry or a file that is not what it should be
+            raise ModelError(f"text model encoder in {model_dir} is unreadable: {exc!r}") from exc
+        if head_w.shape != (4, hidden) or head_b.shape != (4,):
+            raise ModelError(f"text model encoder head has shape {head_w.shape}, expected (4, {hidden})")
         return cls(session_for(onnx_path), tokenizer, head_w, head_b)
 
     def pooled(self, texts: Sequence[str]) -> tuple[npt.NDArray[np.float16], npt.NDArray[np.int64]]:

@@ -266,8 +266,6 @@ class TextRiskModel:
 
         encoder = None
         if manifest.get("encoder"):
-            from cds.nlp.encoder import Encoder
-
             encoder = Encoder.load(model_dir, manifest["encoder"],
                                    lambda path: session_for(path, ENCODER_THREADS))
             encoder.workers = max(1, encoder_workers)

@@ -215,6 +215,15 @@ def test_a_missing_encoder_file_stops_the_model(tiny_model_dir: Path, tmp_path: 
         TextRiskModel.load(tmp_path / "m")
 
 
+def test_an_encoder_entry_missing_a_key_stops_the_model_with_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    manifest = read_manifest(tmp_path / "m")
+    del manifest["encoder"]["head"]
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(ModelError, match="unreadable"):
+        TextRiskModel.load(tmp_path / "m")
+
+
 def test_a_manifest_whose_bundle_does_not_match_its_files_stops_the_model(tiny_model_dir: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_model_dir, tmp_path / "m")
     manifest = read_manifest(tmp_path / "m")
