@@ -17,6 +17,7 @@ Run time needs numpy and onnxruntime only.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +33,7 @@ from cds.nlp.features import clip_text
 PREFIX = "passage: "  # e5's input convention for a text to be embedded
 MAX_TOKENS = 128  # <s> + 126 pieces + </s>: the head and the tail of a long text
 MAX_CHARS = 1024  # characters tokenised (the first and the last 512 of a longer text)
+_SPACES = re.compile(" {2,}")  # runs of spaces collapse to one, after normalisation
 CACHE_TEXTS = 32768  # pooled vectors kept, as float16 (768 bytes each: 25 MB), for the windows of active conversations
 
 
@@ -46,7 +48,6 @@ class Tokenizer:
         self.scores = [float(s) for s in scores]
         self.norm = dict(norm)
         self.bos, self.eos, self.pad, self.unk = bos, eos, pad, unk
-        self._table = {cp: out for cp, out in self.norm.items()}
         self._vocab: dict[str, tuple[int, float]] = {}
         for i, p in enumerate(self.pieces):
             if p and p not in self._vocab and i not in (bos, eos, pad, unk):
@@ -68,9 +69,7 @@ class Tokenizer:
         """``<s> pieces </s>``, at most ``max_tokens`` ids in all, of PREFIX + the text; of a long text, its head and
         its tail, as the n-gram features read it (``clip_text``: MAX_CHARS / 2 characters each, then half the
         pieces from each end): in a post history the latest posts count as much as the first."""
-        s = (PREFIX + clip_text(text, MAX_CHARS)).translate(self._table)
-        if "  " in s:
-            s = _collapse_spaces(s)
+        s = _SPACES.sub(" ", (PREFIX + clip_text(text, MAX_CHARS)).translate(self.norm))
         s = ("" if s.startswith(" ") else " ") + s
         s = s.replace(" ", "\u2581")
         n = len(s)
@@ -105,14 +104,6 @@ class Tokenizer:
         if len(ids) > room:
             ids = ids[:room // 2] + ids[len(ids) - (room - room // 2):]
         return [self.bos] + ids + [self.eos]
-
-
-def _collapse_spaces(s: str) -> str:
-    out: list[str] = []
-    for c in s:
-        if not (c == " " and out and out[-1] == " "):
-            out.append(c)
-    return "".join(out)
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad: int = 1) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:

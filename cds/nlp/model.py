@@ -116,6 +116,15 @@ def bundle_digest(digests: Mapping[str, str]) -> str:
     return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(digests.items())).encode()).hexdigest()
 
 
+def model_files(ngram_sha256: str, encoder: Mapping[str, Any] | None) -> dict[str, str]:
+    """The model's files and their sha256s, as the manifest's ``files`` lists them."""
+    files = {"model.onnx": ngram_sha256}
+    if encoder is not None:
+        files[encoder["file"]] = encoder["sha256"]
+        files[encoder["tokenizer"]] = encoder["tokenizer_sha256"]
+    return files
+
+
 def verified_file(model_dir: Path, name: str, sha256: str) -> Path:
     """``model_dir / name``, refused unless present and matching the manifest's sha256."""
     path = model_dir / name
@@ -269,9 +278,7 @@ class TextRiskModel:
             encoder = Encoder.load(model_dir, manifest["encoder"],
                                    lambda path: session_for(path, ENCODER_THREADS))
             encoder.workers = max(1, encoder_workers)
-            entry = manifest["encoder"]
-            files = {"model.onnx": manifest["sha256"], entry["file"]: entry["sha256"],
-                     entry["tokenizer"]: entry["tokenizer_sha256"]}
+            files = model_files(manifest["sha256"], manifest["encoder"])
             if manifest.get("files") != files or manifest.get("bundle_sha256") != bundle_digest(files):
                 raise ModelError(f"text model manifest {model_dir / 'manifest.json'} lists files or a bundle "
                                  "sha256 that do not match its own entries (edited by hand?)")

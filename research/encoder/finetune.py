@@ -21,7 +21,7 @@ from cds.nlp import encoder_train as ET
 from cds.nlp import train as T
 from cds.nlp.data import Example, load_examples
 from cds.nlp.e5_weights import E5Weights, load, tokenizer
-from cds.nlp.encoder import pad_batch
+from cds.nlp.encoder import pad_batch, sigmoid
 from cds.nlp.features import FeatureConfig
 
 
@@ -50,7 +50,7 @@ def ngram_probs(examples: list[Example], train_rows: np.ndarray) -> np.ndarray:
         known, y = labels[head]
         idx = train_rows[known[train_rows]]
         coef, icpt = T._fit(m.x[idx], y[idx], T.DEFAULT_C)
-        p[:, h] = T._sigmoid(m.x @ coef + icpt)
+        p[:, h] = sigmoid(m.x @ coef + icpt)
     return p
 
 
@@ -59,9 +59,7 @@ def finetune(examples: list[Example], seqs: list[list[int]], train_rows: np.ndar
     """The served recipe (cds.nlp.encoder_train) on the full vocabulary; P(tier >= k) on ``val_rows``."""
     import torch
 
-    labels = T.head_labels(examples)
-    y = np.stack([labels[h][1] for h in T.TIER_HEADS], 1).astype(np.float32)
-    known = np.stack([labels[h][0] for h in T.TIER_HEADS], 1).astype(np.float32)
+    y, known = T.tier_label_matrix(examples)
     torch.manual_seed(0)
     model = ET.build_model(w, n_layers)
     ET.fine_tune(model, seqs, y, known, train_rows, epochs, lr, seed=0, pad=int(w.config["pad"]))

@@ -20,6 +20,7 @@ from cds.nlp import model as M
 from cds.nlp import train as T
 from cds.nlp.data import load_examples
 from cds.nlp.e5_weights import load, tokenizer
+from cds.nlp.encoder import sigmoid
 from cds.nlp.features import FeatureConfig
 from cds.nlp.safety_net import safety_net_scan
 from research.encoder.e5_onnx import embed, session
@@ -75,7 +76,7 @@ def main() -> None:
     for alpha in args.alpha:
         x = m.x if not alpha else sparse.hstack([m.x, sparse.csr_matrix(emb * alpha)]).tocsr()
         w, b, oof, _ = T.fit_heads(T.Matrix(x=x, idf=m.idf), examples, rows, T.DEFAULT_C, 13, progress=False)
-        full = T._sigmoid(x @ w + b)
+        full = sigmoid(x @ w + b)
         th = T.choose_thresholds(examples, oof, sn_tier, sn_harm, rows, sn_means)
         tiers = served_tiers(examples, np.where(rows[:, None], oof, full), th, scans)
         report(f"alpha {alpha} out of fold", examples, tiers, rows)
