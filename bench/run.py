@@ -293,7 +293,8 @@ def bench_scale() -> dict[str, Any]:
 def bench_classifier() -> dict[str, Any]:
     from cds.nlp.bench import run
 
-    return dict(run())
+    configured = os.environ.get("CDS_MODEL_DIR")  # the model the service and the ingest sections run
+    return dict(run(model_dir=Path(configured) if configured else None))
 
 
 def bench_rules(n: int = 20000) -> dict[str, Any]:

@@ -14,6 +14,9 @@ from cds.errors import CdsError, InputError
 from cds.nlp.model import MODEL_DIR
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+# The service's setting (cds/settings.py): `cds classify` and `cds model evaluate` read the model the service runs.
+MODEL_DIR_ENV = "CDS_MODEL_DIR"
+MODEL_DIR_HELP = f"The model's folder (default: ${MODEL_DIR_ENV} as the service reads it, else the shipped model)."
 
 
 def _fail(exc: CdsError) -> None:
@@ -59,7 +62,7 @@ def train_command(data_dir: Path, sample: int | None, out_dir: Path, seed: int, 
 @click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), default=DEFAULT_DATA_DIR,
               show_default=True)
 @click.option("--model-dir", type=click.Path(path_type=Path, file_okay=False), default=MODEL_DIR,
-              show_default=True)
+              envvar=MODEL_DIR_ENV, show_default=True, help=MODEL_DIR_HELP)
 @click.option("--seed", type=int, default=None, help="Split seed (default: the one in the manifest).")
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write the metrics JSON here (default: stdout).")
@@ -103,7 +106,8 @@ def _read_lines(fh: TextIO) -> list[dict[str, Any]]:
               required=True, help='JSON lines: {"id", "text", "lang"?}; "-" for stdin.')
 @click.option("--output", "output_path", type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
               required=True, help='JSON lines with tier, probability, harm_to_others, evidence, provider.')
-@click.option("--model-dir", type=click.Path(path_type=Path, file_okay=False), default=MODEL_DIR)
+@click.option("--model-dir", type=click.Path(path_type=Path, file_okay=False), default=MODEL_DIR,
+              envvar=MODEL_DIR_ENV, show_default=True, help=MODEL_DIR_HELP)
 def classify_command(input_path: Path, output_path: Path, model_dir: Path) -> None:
     """Classify chat messages from a JSON-lines file (batched)."""
     from cds.nlp.model import TextRiskModel

@@ -21,7 +21,7 @@ from cds.domain import RiskTier
 from cds.errors import ModelError
 from cds.nlp import TextRiskModel
 from cds.nlp.commands import classify_command, model_group
-from cds.nlp.model import HEADS, read_manifest
+from cds.nlp.model import HEADS, MODEL_DIR, read_manifest
 from tests.unit.conftest import EN_RISK, EN_SAFE, TINY_ENCODER, ZH_RISK, ZH_SAFE
 
 
@@ -314,6 +314,32 @@ def test_classify_command_round_trip(tiny_model_dir: Path, tmp_path: Path) -> No
         for e in o["evidence"]:
             assert {"start", "end", "kind"} <= set(e)
     assert out[0]["evidence"][0]["start"] >= 0
+
+
+@pytest.mark.parametrize("how", ["env", "option over env"])
+def test_classify_command_runs_the_model_the_service_is_configured_with(tiny_model_dir: Path, tmp_path: Path,
+                                                                       how: str) -> None:
+    """`cds classify` runs the same model as the service: CDS_MODEL_DIR (the service's setting) selects it when
+    --model-dir is not given; --model-dir wins over it."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "text": "我打算今晚跳楼"}\n', encoding="utf-8")
+    dst = tmp_path / "out.jsonl"
+    args = ["--input", str(src), "--output", str(dst)]
+    if how == "env":
+        env, expected = {"CDS_MODEL_DIR": str(tiny_model_dir)}, read_manifest(tiny_model_dir)["bundle_sha256"]
+    else:
+        env, expected = {"CDS_MODEL_DIR": str(tmp_path / "nowhere")}, read_manifest(tiny_model_dir)["bundle_sha256"]
+        args += ["--model-dir", str(tiny_model_dir)]
+    res = CliRunner().invoke(classify_command, args, env=env)
+    assert res.exit_code == 0, res.output
+    [out] = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
+    assert out["model_sha256"] == expected != read_manifest(MODEL_DIR)["sha256"]
+
+
+def test_evaluate_command_reads_cds_model_dir(tmp_path: Path) -> None:
+    """`cds model evaluate` too: a CDS_MODEL_DIR without a model is reported, not replaced by the shipped one."""
+    res = CliRunner().invoke(model_group, ["evaluate"], env={"CDS_MODEL_DIR": str(tmp_path / "nowhere")})
+    assert res.exit_code != 0 and "nowhere" in res.output
 
 
 def test_classify_command_rejects_bad_input(tiny_model_dir: Path, tmp_path: Path) -> None:
