@@ -42,8 +42,8 @@ from cds.nlp.model import (
 )
 from cds.nlp.safety_net import lexicons, safety_net_scan
 
-MODEL_VERSION = "1.2.0"  # the n-gram heads alone (`cds model train`)
-ENCODER_MODEL_VERSION = "2.0.0"  # with the fine-tuned encoder (`cds model train --encoder`)
+MODEL_VERSION = "1.2.1"  # the n-gram heads alone (`cds model train`)
+ENCODER_MODEL_VERSION = "2.0.1"  # with the fine-tuned encoder (`cds model train --encoder`)
 DEFAULT_C = 16.0
 FOLDS = 5
 # Recall the thresholds aim for on out-of-fold data (a margin above the project's 0.90 targets).
@@ -210,14 +210,17 @@ def bootstrap(stat: Callable[[npt.NDArray[np.int64]], float], n: int, reps: int 
 
 
 def evaluate_predictions(examples: Sequence[Example], tiers: npt.NDArray[np.int64], harm: npt.NDArray[np.bool_],
-                         prob: F, reps: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Target metrics (with 95% bootstrap CIs) per source, language and counselling-chat subset."""
+                         prob: F, reps: int = 1000, seed: int = 0,
+                         victim: npt.NDArray[np.bool_] | None = None) -> dict[str, Any]:
+    """Target metrics (with 95% bootstrap CIs) per source, language and counselling-chat subset; with ``victim``
+    (the flags given) the victimisation flag too."""
     out: dict[str, Any] = {}
     src = np.array([e.source for e in examples])
     sub = np.array([e.subsource for e in examples])
     true = np.array([-1 if e.tier is None else e.tier for e in examples])
     modp = np.array([bool(e.moderate_plus) for e in examples])
     true_harm = np.array([bool(e.harm) for e in examples])
+    true_victim = np.array([bool(e.victim) for e in examples])
 
     def binary(mask: npt.NDArray[np.bool_], y: npt.NDArray[np.bool_], p: npt.NDArray[np.bool_]) -> dict[str, Any]:
         idx = np.flatnonzero(mask)
@@ -242,6 +245,8 @@ def evaluate_predictions(examples: Sequence[Example], tiers: npt.NDArray[np.int6
             g["high_or_imminent_assessed>=moderate"] = bootstrap(lambda s: float(at_least_mod[s].mean()),  # noqa: B023
                                                                  len(hi), reps, seed)
         g["harm_to_others"] = binary(mask, true_harm, harm)
+        if victim is not None:
+            g["victimisation"] = binary(mask, true_victim, victim)
         out[name] = g
     m = src == "sos4k_zh"
     if m.any():
@@ -305,7 +310,8 @@ FLAG_OFF = 1.01  # a flag threshold above any probability: the head never sets t
 
 def choose_thresholds(examples: Sequence[Example], oof: F, sn_tier: npt.NDArray[np.int64],
                       sn_harm: npt.NDArray[np.bool_], rows: npt.NDArray[np.bool_],
-                      sn_means: npt.NDArray[np.bool_] | None = None) -> dict[str, Any]:
+                      sn_means: npt.NDArray[np.bool_] | None = None,
+                      sn_victim: npt.NDArray[np.bool_] | None = None) -> dict[str, Any]:
     """Per-language thresholds on out-of-fold probabilities combined with the safety net.
 
     zh: maximise SOS-4K 5-tier macro-F1 + psysuicide any-risk precision subject to recall >= TARGET_RECALL on
@@ -392,12 +398,14 @@ def choose_thresholds(examples: Sequence[Example], oof: F, sn_tier: npt.NDArray[
         result[lang]["post_min_chars"] = min_chars.get(lang, 0)
     default["post_min_chars"] = 0
     result["default"] = default
-    # Flags: one threshold each, on psysuicide out-of-fold, combined with the safety net.
+    # Flags: one threshold each, on psysuicide out-of-fold, each combined with the safety net's own flag (sn_harm,
+    # sn_victim; a head judged alone, without the net's flags, is credited with the recall the net gives anyway).
     psy = np.flatnonzero(rows & (src == "psysuicide_zh"))
     harm_y = np.array([bool(examples[int(i)].harm) for i in psy])
     vict_y = np.array([bool(examples[int(i)].victim) for i in psy])
     flag_th: dict[str, float] = {}
-    for h, y, extra in (("harm_to_others", harm_y, sn_harm[psy]), ("victimisation", vict_y, np.zeros(len(psy), bool))):
+    net_victim = sn_victim[psy] if sn_victim is not None else np.zeros(len(psy), bool)
+    for h, y, extra in (("harm_to_others", harm_y, sn_harm[psy]), ("victimisation", vict_y, net_victim)):
         col = HEADS.index(h)
         pp = np.nan_to_num(oof[psy, col], nan=0.0)
         best: tuple[float, float] | None = None
@@ -481,7 +489,8 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
     sn_tier = np.array([-1 if r.tier is None else int(r.tier) for r in sn])
     sn_harm = np.array([r.harm_to_others for r in sn])
     sn_means = np.array([names_means(r) for r in sn])
-    thresholds = choose_thresholds(examples, oof, np.maximum(sn_tier, 0), sn_harm, rows, sn_means)
+    sn_victim = np.array([r.victimisation for r in sn])
+    thresholds = choose_thresholds(examples, oof, np.maximum(sn_tier, 0), sn_harm, rows, sn_means, sn_victim)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("encoder.onnx", "tokenizer.json"):
@@ -489,11 +498,11 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
     encoder_entry: dict[str, Any] | None = None
     enc_oof = np.zeros((0, 4))
     if encoder:
-        encoder_entry, thresholds, enc_oof = _train_encoder(examples, rows, oof, sn_tier, sn_harm, sn_means, out_dir,
-                                                            seed, encoder_layers, encoder_epochs, progress)
+        encoder_entry, thresholds, enc_oof = _train_encoder(examples, rows, oof, sn_tier, sn_harm, sn_means, sn_victim,
+                                                            out_dir, seed, encoder_layers, encoder_epochs, progress)
     if save_oof is not None:  # for analysis: what the thresholds were chosen on
-        np.savez_compressed(save_oof, ngram=oof, encoder=enc_oof,
-                            sn_tier=sn_tier, sn_harm=sn_harm, sn_means=sn_means, rows=rows)
+        np.savez_compressed(save_oof, ngram=oof, encoder=enc_oof, sn_tier=sn_tier, sn_harm=sn_harm,
+                            sn_means=sn_means, sn_victim=sn_victim, rows=rows)
     version = ENCODER_MODEL_VERSION if encoder_entry else MODEL_VERSION
     model = build_graph(m.idf, w.astype(np.float32), b.astype(np.float32),
                         doc=f"psych-cds text risk model {version}; heads {', '.join(HEADS)}")
@@ -545,7 +554,8 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
 
 
 def _train_encoder(examples: Sequence[Example], rows: npt.NDArray[np.bool_], oof: F, sn_tier: npt.NDArray[np.int64],
-                   sn_harm: npt.NDArray[np.bool_], sn_means: npt.NDArray[np.bool_], out_dir: Path, seed: int,
+                   sn_harm: npt.NDArray[np.bool_], sn_means: npt.NDArray[np.bool_], sn_victim: npt.NDArray[np.bool_],
+                   out_dir: Path, seed: int,
                    layers: int | None, epochs: int | None, progress: bool
                    ) -> tuple[dict[str, Any], dict[str, Any], F]:
     """Fine-tune and export the encoder; return its manifest entry, the thresholds of the combination (chosen as
@@ -572,7 +582,8 @@ def _train_encoder(examples: Sequence[Example], rows: npt.NDArray[np.bool_], oof
     entry["calibration"] = calibrate_mean(p_ng[idx], enc_oof[idx], examples, idx)
     combined = oof.copy()
     combined[idx, :4] = combine(p_ng[idx], enc_oof[idx], entry["calibration"])
-    return entry, choose_thresholds(examples, combined, np.maximum(sn_tier, 0), sn_harm, rows, sn_means), enc_oof
+    return entry, choose_thresholds(examples, combined, np.maximum(sn_tier, 0), sn_harm, rows, sn_means,
+                                    sn_victim), enc_oof
 
 
 def _package_versions(names: Sequence[str]) -> dict[str, str]:
@@ -609,7 +620,8 @@ def evaluate_model_dir(model_dir: Path, examples: Sequence[Example], progress: b
     final = np.array([int(r.tier) for r in results], dtype=np.int64)
     model_only = np.array([int(r.model_tier) for r in results], dtype=np.int64)
     harm = np.array([r.harm_to_others for r in results])
+    victim = np.array([r.victimisation for r in results])
     prob = np.array([r.probability for r in results])
     return {"split": "test", "bootstrap": {"reps": reps, "ci": 0.95},
-            "model+safety_net": evaluate_predictions(test, final, harm, prob, reps),
+            "model+safety_net": evaluate_predictions(test, final, harm, prob, reps, victim=victim),
             "model_only": evaluate_predictions(test, model_only, harm, prob, reps)}

@@ -256,7 +256,7 @@ def test_retraining_without_the_encoder_removes_its_old_files(tiny_model_dir: Pa
 
 
 def test_the_default_model_is_the_n_gram_model() -> None:
-    """The default artefact stays model.onnx alone (1.2.0): 2.0.0 costs the pipeline a third of its throughput on
+    """The default artefact stays model.onnx alone (1.2.1): 2.0.1 costs the pipeline a third of its throughput on
     two cores (model card), so it is a choice (CDS_MODEL_DIR), not the default."""
     manifest = read_manifest(MODEL_DIR)
     assert "encoder" not in manifest
@@ -266,17 +266,17 @@ def test_the_default_model_is_the_n_gram_model() -> None:
 E5_DIR = MODEL_DIR.parent / "model-e5"
 
 
-def test_model_2_0_0_loads_with_its_encoder_and_every_file_pinned() -> None:
+def test_model_2_0_1_loads_with_its_encoder_and_every_file_pinned() -> None:
     manifest = read_manifest(E5_DIR)
-    assert manifest["version"] == "2.0.0" and manifest["encoder"]["layers"] == 6
+    assert manifest["version"] == "2.0.1" and manifest["encoder"]["layers"] == 6
     model = TextRiskModel.load(E5_DIR)
     assert model.encoder is not None and model.sha256 == manifest["bundle_sha256"]
     assert (E5_DIR / "encoder.onnx").stat().st_size < 40 * 1024 * 1024
 
 
-def test_model_2_0_0_raises_almost_nothing_on_everyday_chinese_chat() -> None:
-    """The known failure mode of 1.2.0 (model card): its model alone put 11 of these 40 hand-written everyday turns
-    at moderate or above; 2.0.0 one ("明天要早起赶飞机", timing words). A guard against losing that."""
+def test_model_2_0_1_raises_almost_nothing_on_everyday_chinese_chat() -> None:
+    """The known failure mode of 1.2.x (model card): its model alone put 11 of these 40 hand-written everyday turns
+    at moderate or above; 2.0.x one ("明天要早起赶飞机", timing words). A guard against losing that."""
     from tests.unit.test_safety_net import EVERYDAY_ZH
 
     results = TextRiskModel.load(E5_DIR).classify(EVERYDAY_ZH, ["zh"] * len(EVERYDAY_ZH))

@@ -81,6 +81,31 @@ def test_a_flag_head_that_adds_nothing_to_the_safety_net_is_off() -> None:
     assert th["zh"]["harm_to_others"] < 1.0
 
 
+def test_the_victimisation_flag_is_chosen_with_the_safety_nets_own_flag() -> None:
+    """As for harm: the head is judged together with the net's victimisation flag. A head that finds two victims the
+    net finds anyway, at the price of many false flags, is off; judged alone (no net flags given) it looked needed
+    (the 1.2.0 threshold, 0.09, flagged 27% true out of fold and "我想自杀，每天都在想")."""
+    from cds.nlp.data import Example
+    from cds.nlp.train import FLAG_OFF, choose_thresholds
+
+    examples, probs, net = [], [], []
+    for i in range(100):
+        victim = i < 10
+        examples.append(Example(f"v{i}", "psysuicide_zh", "social_media", "zh", 0, False, False, victim))
+        probs.append([0.1, 0.05, 0.01, 0.0, 0.0, 0.3 if i in (0, 1) or i % 6 == 5 else 0.01])
+        net.append(victim and i < 8)
+    args = (examples, np.array(probs), np.zeros(100, dtype=np.int64), np.zeros(100, dtype=bool), np.ones(100, dtype=bool))
+    assert choose_thresholds(*args, sn_victim=np.array(net))["zh"]["victimisation"] == FLAG_OFF
+    assert choose_thresholds(*args)["zh"]["victimisation"] < 1.0
+
+
+def test_the_shipped_model_leaves_the_victimisation_flag_to_the_safety_net() -> None:
+    served = TextRiskModel.load()
+    assert served.thresholds["zh"]["victimisation"] == served.thresholds["en"]["victimisation"] > 1.0
+    results = served.classify(["我想自杀，每天都在想", "我已经攒够了安眠药，打算这周末全部吃掉", "我爸经常打我"], ["zh"] * 3)
+    assert [r.victimisation for r in results] == [False, False, True]
+
+
 def test_manifest_records_what_is_needed(tiny_model_dir: Path) -> None:
     m = read_manifest(tiny_model_dir)
     assert m["heads"] == list(HEADS)
