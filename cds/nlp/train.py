@@ -310,8 +310,8 @@ FLAG_OFF = 1.01  # a flag threshold above any probability: the head never sets t
 
 def choose_thresholds(examples: Sequence[Example], oof: F, sn_tier: npt.NDArray[np.int64],
                       sn_harm: npt.NDArray[np.bool_], rows: npt.NDArray[np.bool_],
-                      sn_means: npt.NDArray[np.bool_] | None = None,
-                      sn_victim: npt.NDArray[np.bool_] | None = None) -> dict[str, Any]:
+                      sn_means: npt.NDArray[np.bool_] | None = None, *,
+                      sn_victim: npt.NDArray[np.bool_]) -> dict[str, Any]:
     """Per-language thresholds on out-of-fold probabilities combined with the safety net.
 
     zh: maximise SOS-4K 5-tier macro-F1 + psysuicide any-risk precision subject to recall >= TARGET_RECALL on
@@ -404,8 +404,7 @@ def choose_thresholds(examples: Sequence[Example], oof: F, sn_tier: npt.NDArray[
     harm_y = np.array([bool(examples[int(i)].harm) for i in psy])
     vict_y = np.array([bool(examples[int(i)].victim) for i in psy])
     flag_th: dict[str, float] = {}
-    net_victim = sn_victim[psy] if sn_victim is not None else np.zeros(len(psy), bool)
-    for h, y, extra in (("harm_to_others", harm_y, sn_harm[psy]), ("victimisation", vict_y, net_victim)):
+    for h, y, extra in (("harm_to_others", harm_y, sn_harm[psy]), ("victimisation", vict_y, sn_victim[psy])):
         col = HEADS.index(h)
         pp = np.nan_to_num(oof[psy, col], nan=0.0)
         best: tuple[float, float] | None = None
@@ -490,7 +489,7 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
     sn_harm = np.array([r.harm_to_others for r in sn])
     sn_means = np.array([names_means(r) for r in sn])
     sn_victim = np.array([r.victimisation for r in sn])
-    thresholds = choose_thresholds(examples, oof, np.maximum(sn_tier, 0), sn_harm, rows, sn_means, sn_victim)
+    thresholds = choose_thresholds(examples, oof, np.maximum(sn_tier, 0), sn_harm, rows, sn_means, sn_victim=sn_victim)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("encoder.onnx", "tokenizer.json"):
@@ -583,7 +582,7 @@ def _train_encoder(examples: Sequence[Example], rows: npt.NDArray[np.bool_], oof
     combined = oof.copy()
     combined[idx, :4] = combine(p_ng[idx], enc_oof[idx], entry["calibration"])
     return entry, choose_thresholds(examples, combined, np.maximum(sn_tier, 0), sn_harm, rows, sn_means,
-                                    sn_victim), enc_oof
+                                    sn_victim=sn_victim), enc_oof
 
 
 def _package_versions(names: Sequence[str]) -> dict[str, str]:

@@ -77,7 +77,8 @@ def main() -> None:
         x = m.x if not alpha else sparse.hstack([m.x, sparse.csr_matrix(emb * alpha)]).tocsr()
         w, b, oof, _ = T.fit_heads(T.Matrix(x=x, idf=m.idf), examples, rows, T.DEFAULT_C, 13, progress=False)
         full = sigmoid(x @ w + b)
-        th = T.choose_thresholds(examples, oof, sn_tier, sn_harm, rows, sn_means)
+        th = T.choose_thresholds(examples, oof, sn_tier, sn_harm, rows, sn_means,
+                                 sn_victim=np.array([r.victimisation for r in scans]))
         tiers = served_tiers(examples, np.where(rows[:, None], oof, full), th, scans)
         report(f"alpha {alpha} out of fold", examples, tiers, rows)
         report(f"alpha {alpha} test", examples, tiers, ~rows)

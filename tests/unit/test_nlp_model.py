@@ -71,20 +71,21 @@ def test_a_flag_head_that_adds_nothing_to_the_safety_net_is_off() -> None:
         examples.append(Example(f"h{i}", "psysuicide_zh", "social_media", "zh", 0, False, harm, False))
         probs.append([0.1, 0.05, 0.01, 0.0, 0.9 if i % 7 == 0 else 0.05, 0.0])  # fires on noise only
         harm_net.append(harm)
+    no_victims = np.zeros(100, dtype=bool)
     th = choose_thresholds(examples, np.array(probs), np.zeros(100, dtype=np.int64), np.array(harm_net),
-                           np.ones(100, dtype=bool))
+                           np.ones(100, dtype=bool), sn_victim=no_victims)
     assert th["zh"]["harm_to_others"] == FLAG_OFF
     probs = [[*p[:4], 0.9 if i in (3, 5, 7) else 0.05, 0.0] for i, p in enumerate(probs)]  # now it finds 3
     harm_net = [h and i not in (3, 5, 7) for i, h in enumerate(harm_net)]
     th = choose_thresholds(examples, np.array(probs), np.zeros(100, dtype=np.int64), np.array(harm_net),
-                           np.ones(100, dtype=bool))
+                           np.ones(100, dtype=bool), sn_victim=no_victims)
     assert th["zh"]["harm_to_others"] < 1.0
 
 
 def test_the_victimisation_flag_is_chosen_with_the_safety_nets_own_flag() -> None:
-    """As for harm: the head is judged together with the net's victimisation flag. A head that finds two victims the
-    net finds anyway, at the price of many false flags, is off; judged alone (no net flags given) it looked needed
-    (the 1.2.0 threshold, 0.09, flagged 27% true out of fold and "我想自杀，每天都在想")."""
+    """As for harm: the head is judged together with the net's victimisation flag. A head that finds three victims
+    the net finds anyway, at the price of many false flags, is off. Judged alone (no net flags) it looked needed, as
+    1.2.0's threshold 0.09 did: 27% of its flags true out of fold, one of them on "我想自杀，每天都在想"."""
     from cds.nlp.data import Example
     from cds.nlp.train import FLAG_OFF, choose_thresholds
 
@@ -96,7 +97,7 @@ def test_the_victimisation_flag_is_chosen_with_the_safety_nets_own_flag() -> Non
         net.append(victim and i < 8)
     args = (examples, np.array(probs), np.zeros(100, dtype=np.int64), np.zeros(100, dtype=bool), np.ones(100, dtype=bool))
     assert choose_thresholds(*args, sn_victim=np.array(net))["zh"]["victimisation"] == FLAG_OFF
-    assert choose_thresholds(*args)["zh"]["victimisation"] < 1.0
+    assert choose_thresholds(*args, sn_victim=np.zeros(100, dtype=bool))["zh"]["victimisation"] < 1.0
 
 
 def test_the_shipped_model_leaves_the_victimisation_flag_to_the_safety_net() -> None:
@@ -143,7 +144,8 @@ def test_any_risk_threshold_answers_to_sos4k_too() -> None:
             sn.append(0)
     oof = np.array(probs)
     rows = np.ones(len(examples), dtype=bool)
-    th = choose_thresholds(examples, oof, np.array(sn), np.zeros(len(examples), dtype=bool), rows)["zh"]
+    th = choose_thresholds(examples, oof, np.array(sn), np.zeros(len(examples), dtype=bool), rows,
+                           sn_victim=np.zeros(len(examples), dtype=bool))["zh"]
     assert th["ge_low"] <= 0.55, th  # SOS-4K low (P ~0.6) is still predicted
     assert th["ge_low"] > 0.25, th  # and SOS-4K none (P ~0.2) is not
 
