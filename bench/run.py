@@ -292,9 +292,9 @@ def bench_scale() -> dict[str, Any]:
 
 def bench_classifier() -> dict[str, Any]:
     from cds.nlp.bench import run
+    from cds.settings import Settings
 
-    configured = os.environ.get("CDS_MODEL_DIR")  # the model the service and the ingest sections run
-    return dict(run(model_dir=Path(configured) if configured else None))
+    return dict(run(model_dir=Settings.from_env().model_dir))  # the model the service and the ingest sections run
 
 
 def bench_rules(n: int = 20000) -> dict[str, Any]:

@@ -489,16 +489,18 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
     sn_harm = np.array([r.harm_to_others for r in sn])
     sn_means = np.array([names_means(r) for r in sn])
     sn_victim = np.array([r.victimisation for r in sn])
-    thresholds = choose_thresholds(examples, oof, np.maximum(sn_tier, 0), sn_harm, rows, sn_means, sn_victim=sn_victim)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("encoder.onnx", "tokenizer.json"):
         (out_dir / stale).unlink(missing_ok=True)
     encoder_entry: dict[str, Any] | None = None
     enc_oof = np.zeros((0, 4))
+    chosen_on = oof  # the out-of-fold probabilities the served model gives: with an encoder, the combination's
     if encoder:
-        encoder_entry, thresholds, enc_oof = _train_encoder(examples, rows, oof, sn_tier, sn_harm, sn_means, sn_victim,
-                                                            out_dir, seed, encoder_layers, encoder_epochs, progress)
+        encoder_entry, chosen_on, enc_oof = _train_encoder(examples, rows, oof, out_dir, seed, encoder_layers,
+                                                           encoder_epochs, progress)
+    thresholds = choose_thresholds(examples, chosen_on, np.maximum(sn_tier, 0), sn_harm, rows, sn_means,
+                                   sn_victim=sn_victim)
     if save_oof is not None:  # for analysis: what the thresholds were chosen on
         np.savez_compressed(save_oof, ngram=oof, encoder=enc_oof, sn_tier=sn_tier, sn_harm=sn_harm,
                             sn_means=sn_means, sn_victim=sn_victim, rows=rows)
@@ -552,14 +554,11 @@ def train(data_dir: Path, out_dir: Path, seed: int = 13, sample: int | None = No
     return manifest
 
 
-def _train_encoder(examples: Sequence[Example], rows: npt.NDArray[np.bool_], oof: F, sn_tier: npt.NDArray[np.int64],
-                   sn_harm: npt.NDArray[np.bool_], sn_means: npt.NDArray[np.bool_], sn_victim: npt.NDArray[np.bool_],
-                   out_dir: Path, seed: int,
-                   layers: int | None, epochs: int | None, progress: bool
-                   ) -> tuple[dict[str, Any], dict[str, Any], F]:
-    """Fine-tune and export the encoder; return its manifest entry, the thresholds of the combination (chosen as
-    the n-gram heads' are: on out-of-fold predictions of all train+validation rows) and the encoder's
-    out-of-fold probabilities."""
+def _train_encoder(examples: Sequence[Example], rows: npt.NDArray[np.bool_], oof: F, out_dir: Path, seed: int,
+                   layers: int | None, epochs: int | None, progress: bool) -> tuple[dict[str, Any], F, F]:
+    """Fine-tune and export the encoder; return its manifest entry, the out-of-fold probabilities of the combination
+    (``oof`` with the tier heads of the train+validation rows combined: what the thresholds are chosen on, as the
+    n-gram heads' are) and the encoder's own out-of-fold probabilities."""
     from cds.errors import InputError
     from cds.nlp import encoder_train
 
@@ -581,8 +580,7 @@ def _train_encoder(examples: Sequence[Example], rows: npt.NDArray[np.bool_], oof
     entry["calibration"] = calibrate_mean(p_ng[idx], enc_oof[idx], examples, idx)
     combined = oof.copy()
     combined[idx, :4] = combine(p_ng[idx], enc_oof[idx], entry["calibration"])
-    return entry, choose_thresholds(examples, combined, np.maximum(sn_tier, 0), sn_harm, rows, sn_means,
-                                    sn_victim=sn_victim), enc_oof
+    return entry, combined, enc_oof
 
 
 def _package_versions(names: Sequence[str]) -> dict[str, str]:
