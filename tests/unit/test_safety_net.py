@@ -751,3 +751,43 @@ def test_context_words_in_chinese_chat_count_after_intent(conversation: list[str
     assert safety_net_scan(conversation[1], "zh").tier is None
     assert conversation_scan(conversation, "zh").tier is not None
     assert conversation_scan(conversation, "zh").tier >= RiskTier.MODERATE
+
+
+# en 1.18.0. "I know how" alone was a plan (high): "I know how you feel" in a supportive reply raised the net to
+# high in 52 of the 350 Reddit post histories (and 14 SDCNL posts), and in any empathetic chat turn: a nurse alert.
+@pytest.mark.parametrize("text", [
+    "I know how you feel", "I know how that sounds, but hear me out", "I know when I'm being lied to",
+    "We decided where to go for dinner tonight", "I figured out how to fix my bike today",
+    "I picked the date for our wedding", "I know where the pharmacy is", "I know how to tie a tie",
+])
+def test_knowing_or_deciding_how_is_no_plan_by_itself(text: str) -> None:
+    assert safety_net_scan(text, "en").tier is None, safety_net_scan(text, "en").hits
+
+
+@pytest.mark.parametrize("text", [
+    "I know how I am going to kill myself", "I've figured out when I'll end my life", "I picked the date to die",
+    "I want to die. I decided when: this weekend", "I know how to tie a noose and I want to die",
+    "I know where my dad's gun is. I want to kill myself",
+])
+def test_a_decided_method_or_date_is_a_plan(text: str) -> None:
+    result = safety_net_scan(text, "en")
+    assert result.tier is not None and result.tier >= RiskTier.HIGH, result.hits
+    assert "plan" in {h.kind for h in result.hits if h.status == "counted"}
+
+
+@pytest.mark.parametrize("text", [  # was / is / have + not: a denial, like do / will + not
+    "I wasn't suicidal, just really tired", "I wasnt suicidal", "I haven't self-harmed in two years",
+    "my thoughts aren't suicidal", "I'm worried about my friend, talking to suicidal people is hard",
+    "I want to disappear into a book for the weekend",
+])
+def test_denials_and_other_peoples_risk_are_not_counted_en(text: str) -> None:
+    assert safety_net_scan(text, "en").tier is None, safety_net_scan(text, "en").hits
+
+
+@pytest.mark.parametrize("text", [  # a negation word that denies nothing: a reason held, a struggle, a double negation
+    "The only reason I haven't committed suicide is my mom", "The reason I didnt kill myself is my dog",
+    "I'm trying hard not to kill myself", "Im trying to not kill myself", "I haven't stopped thinking about suicide",
+    "I feel suicidal", "I just want to disappear",
+])
+def test_a_negation_word_that_denies_nothing_still_counts_en(text: str) -> None:
+    assert safety_net_scan(text, "en").tier is not None, safety_net_scan(text, "en").hits
