@@ -455,7 +455,8 @@ def test_mixed_language_messages(text: str) -> None:
 
 def test_mixed_language_context_crosses_lexicons() -> None:
     # zh timing word anchored by an English statement of intent
-    assert tier("今晚 I will take all my pills") == RiskTier.IMMINENT
+    # ("I will take all my pills" alone is also adherence since en 1.19.0: "at once" makes it a method)
+    assert tier("今晚 I will take all my pills at once") == RiskTier.IMMINENT
 
 
 @pytest.mark.parametrize("text", ["😢😢 我想死 💊", "I want to kill myself 😭🔪", "🙂👍", "😂 笑死我了 😂"])
@@ -791,3 +792,31 @@ def test_denials_and_other_peoples_risk_are_not_counted_en(text: str) -> None:
 ])
 def test_a_negation_word_that_denies_nothing_still_counts_en(text: str) -> None:
     assert safety_net_scan(text, "en").tier is not None, safety_net_scan(text, "en").hits
+
+
+# en 1.19.0, from hand-written chat turns (not from any data set). Taking one's medication is not an overdose, and
+# "I won't be here tomorrow" is a farewell only beside an intent.
+@pytest.mark.parametrize("text", [
+    "I have to take all my meds every morning", "I forgot to take all my pills yesterday",
+    "The doctor told me to take all of my medication", "I take all my meds on time now",
+    "I'll take all my meds tonight before bed", "I took too many pills by accident", "I took a bunch of vitamins",
+    "I'm not going to be here tomorrow, I have a dentist appointment", "I won't be here tomorrow, see you next week",
+    "I wrote a note to my boss saying goodbye before my vacation", "Never give up on life!",
+])
+def test_medication_and_absence_are_not_risk_by_themselves_en(text: str) -> None:
+    assert safety_net_scan(text, "en").tier is None, safety_net_scan(text, "en").hits
+
+
+@pytest.mark.parametrize("text,at_least", [
+    ("I took a bunch of pills an hour ago", RiskTier.HIGH), ("I took 30 sleeping pills", RiskTier.HIGH),
+    ("I took all my pills at once", RiskTier.HIGH), ("I'm thinking of taking all my pills", RiskTier.HIGH),
+    ("I want to die. I am going to take all my pills", RiskTier.HIGH),
+    ("I'm going to take all my pills tonight", RiskTier.IMMINENT),
+    ("I wrote letters to my family to say goodbye", RiskTier.IMMINENT),
+    ("I'm not going to be here much longer", RiskTier.IMMINENT),
+    ("I want to die. I won't be here tomorrow", RiskTier.IMMINENT),
+    ("I want to go to sleep forever", RiskTier.LOW), ("I feel hopeless and I want to give up on life", RiskTier.LOW),
+])
+def test_overdoses_farewells_and_passive_wishes_count_en(text: str, at_least: RiskTier) -> None:
+    result = safety_net_scan(text, "en")
+    assert result.tier is not None and result.tier >= at_least, result.hits
