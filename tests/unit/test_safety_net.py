@@ -820,3 +820,12 @@ def test_medication_and_absence_are_not_risk_by_themselves_en(text: str) -> None
 def test_overdoses_farewells_and_passive_wishes_count_en(text: str, at_least: RiskTier) -> None:
     result = safety_net_scan(text, "en")
     assert result.tier is not None and result.tier >= at_least, result.hits
+
+
+@pytest.mark.parametrize("text,counted", [  # zh 1.18.0 (hand-written, not from any data set)
+    ("我知道怎么死了", True), ("我终于知道如何自杀了", True), ("我已经决定好什么时候死", True),
+    ("我想死。我已经决定好什么时候走了", True), ("我不知道怎么死", False), ("我决定好什么时候走了，下周的火车", False),
+    ("我想去死海旅游", False), ("我想消失一段时间，去旅行散散心", False), ("我想彻底消失", True),
+])
+def test_knowing_how_to_die_and_look_alikes_zh(text: str, counted: bool) -> None:
+    assert (safety_net_scan(text, "zh").tier is not None) is counted, safety_net_scan(text, "zh").hits
