@@ -829,3 +829,14 @@ def test_overdoses_farewells_and_passive_wishes_count_en(text: str, at_least: Ri
 ])
 def test_knowing_how_to_die_and_look_alikes_zh(text: str, counted: bool) -> None:
     assert (safety_net_scan(text, "zh").tier is not None) is counted, safety_net_scan(text, "zh").hits
+
+
+@pytest.mark.parametrize("text,counted", [  # zh 1.18.0: written Cantonese (folded) and the Mandarin it mirrors
+    ("我唔想再活落去", True), ("活落去冇意思", True), ("活下去没意思", True), ("我唔想再醒返", True),
+    ("我覺得自己係個負累", True), ("我觉得自己是个负担", True), ("我死了也没人在乎", True), ("我𠝹咗手", True),
+    ("我昨晚又割了手", True), ("我諗緊點樣死", True), ("我已經諗好點死", True), ("我想同呢個世界講拜拜", True),
+    ("我切菜割了手", False), ("我割了手指", False), ("家庭负担很重", False), ("我是个负担很重的人", False),
+    ("減輕我嘅負擔", False), ("今日返工好攰", False), ("我頭先食咗藥，好返啲", False), ("我部電話死咗機", False),
+])
+def test_cantonese_and_mandarin_everyday_wishes_zh(text: str, counted: bool) -> None:
+    assert (safety_net_scan(text, "zh").tier is not None) is counted, safety_net_scan(text, "zh").hits
