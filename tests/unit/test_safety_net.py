@@ -840,3 +840,15 @@ def test_knowing_how_to_die_and_look_alikes_zh(text: str, counted: bool) -> None
 ])
 def test_cantonese_and_mandarin_everyday_wishes_zh(text: str, counted: bool) -> None:
     assert (safety_net_scan(text, "zh").tier is not None) is counted, safety_net_scan(text, "zh").hits
+
+
+@pytest.mark.parametrize("text,lang,flag", [  # zh 1.18.0 / en 1.19.0 (hand-written): threats and their look-alikes
+    ("我想拿刀捅死我老板", "zh", True), ("我想把那个渣男砍了", "zh", True), ("我要炸了这个学校", "zh", True),
+    ("我真想一刀劈了他", "zh", True), ("我已经想好怎么杀他了", "zh", True),
+    ("把这棵树砍了", "zh", False), ("我要把预算砍了", "zh", False), ("把旧衣服都砍了做抹布", "zh", False),
+    ("One day I'll make them all pay", "en", True), ("I have a knife and I'm going to use it on him", "en", True),
+    ("I'm going to shoot him an email", "en", False), ("I shot him a look", "en", False),
+    ("I have a bat and I use it on the weekends", "en", False),
+])
+def test_threats_to_others_and_look_alikes(text: str, lang: str, flag: bool) -> None:
+    assert safety_net_scan(text, lang).harm_to_others is flag, safety_net_scan(text, lang).hits
