@@ -852,3 +852,14 @@ def test_cantonese_and_mandarin_everyday_wishes_zh(text: str, counted: bool) -> 
 ])
 def test_threats_to_others_and_look_alikes(text: str, lang: str, flag: bool) -> None:
     assert safety_net_scan(text, lang).harm_to_others is flag, safety_net_scan(text, lang).hits
+
+
+@pytest.mark.parametrize("text,lang,flag", [  # zh 1.18.0 / en 1.19.0 (hand-written): harm done to the speaker
+    ("他威胁要杀了我", "zh", True), ("同学们孤立我，还往我身上泼水", "zh", True), ("我男朋友掐我脖子", "zh", True),
+    ("继父摸我", "zh", True), ("我被网暴了", "zh", True), ("他打我电话", "zh", False), ("打我一下试试，哈哈", "zh", False),
+    ("妈妈摸我的头", "zh", False), ("He threatened to kill me", "en", True), ("Someone at work is harassing me", "en", True),
+    ("My ex is stalking me", "en", True), ("My husband chokes me", "en", True),
+    ("My dad hit me up yesterday", "en", False), ("He hit me with a joke", "en", False),
+])
+def test_victimisation_and_look_alikes(text: str, lang: str, flag: bool) -> None:
+    assert safety_net_scan(text, lang).victimisation is flag, safety_net_scan(text, lang).hits
