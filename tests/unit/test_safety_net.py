@@ -863,3 +863,11 @@ def test_threats_to_others_and_look_alikes(text: str, lang: str, flag: bool) -> 
 ])
 def test_victimisation_and_look_alikes(text: str, lang: str, flag: bool) -> None:
     assert safety_net_scan(text, lang).victimisation is flag, safety_net_scan(text, lang).hits
+
+
+@pytest.mark.parametrize("text,counted", [  # en 1.19.0: "wanna die" is "want to die"; mortality in general is not a wish
+    ("I wanna die", True), ("I just wanna die, I can't even do that", True), ("I'm going to die alone, might as well do it now", True),
+    ("we are all going to die someday", False), ("everyone will die eventually", False), ("I don't wanna die", False),
+])
+def test_wanna_die_and_mortality_en(text: str, counted: bool) -> None:
+    assert (safety_net_scan(text, "en").tier is not None) is counted, safety_net_scan(text, "en").hits
