@@ -575,10 +575,11 @@ def test_post_length_cap_applies_only_below_post_min_chars() -> None:
 def test_a_means_word_lifts_the_post_length_cap() -> None:
     """Context the lexicon cannot anchor, read by the model: the issue's own example stays high."""
     served = TextRiskModel.load()
-    for conversation in (["I keep thinking about the pills", "I bought them today"],
-                         ["I bought a rope today", "I'm going to use it tonight"]):
-        r = served.assess_conversation(conversation, "en", new=1)
-        assert r.safety_net_tier is None and r.tier >= RiskTier.HIGH, r
+    r = served.assess_conversation(["I bought a rope today", "I'm going to use it tonight"], "en", new=1)
+    assert r.safety_net_tier is None and r.tier >= RiskTier.HIGH, r
+    # en 1.19.0 counts the issue's own example itself: preoccupation with a means, then its purchase, today
+    r = served.assess_conversation(["I keep thinking about the pills", "I bought them today"], "en", new=1)
+    assert r.safety_net_tier == RiskTier.IMMINENT and r.tier == RiskTier.IMMINENT, r
 
 
 def test_short_english_risk_still_alerts_through_the_safety_net() -> None:

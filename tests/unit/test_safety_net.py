@@ -871,3 +871,31 @@ def test_victimisation_and_look_alikes(text: str, lang: str, flag: bool) -> None
 ])
 def test_wanna_die_and_mortality_en(text: str, counted: bool) -> None:
     assert (safety_net_scan(text, "en").tier is not None) is counted, safety_net_scan(text, "en").hits
+
+
+@pytest.mark.parametrize("text,at_least", [  # en 1.19.0: explicit statements the lexicon missed in short SDCNL posts
+    ("Almost shot myself right now", RiskTier.HIGH),
+    ("Every night I put my gun in my mouth and struggle not to pull the trigger", RiskTier.HIGH),
+    ("Another attempt next week. Hopefully I don't survive", RiskTier.HIGH),
+    ("Can you od on advil?", RiskTier.HIGH), ("Is this enough pills?", RiskTier.HIGH),
+    ("How easy is it to die by drugs?", RiskTier.HIGH), ("I tried to take as many meds as I could", RiskTier.HIGH),
+    ("I keep fantasizing about commiting suicide", RiskTier.MODERATE), ("I'm on the edge of suicide", RiskTier.MODERATE),
+    ("I just need a reason not to end my life", RiskTier.MODERATE),
+    ("I wish I could find the courage to jump", RiskTier.MODERATE),
+    ("I keep thinking about the pills", RiskTier.HIGH), ("There's no way out for me", RiskTier.LOW),
+    ("I can't do this anymore", RiskTier.LOW),
+])
+def test_explicit_statements_short_posts_en(text: str, at_least: RiskTier) -> None:
+    result = safety_net_scan(text, "en")
+    assert result.tier is not None and result.tier >= at_least, result.hits
+
+
+@pytest.mark.parametrize("text", [
+    "I almost killed myself laughing", "another attempt at the exam", "I took 200mg of ibuprofen for my headache",
+    "Is this enough pasta for four people?", "How hard is it to die your hair?",
+    "I finally found the courage to ask her out", "I need a reason not to go to work tomorrow",
+    "There's no way out of this traffic", "I can't keep going to the gym at 6am", "I don't see the point of this meeting",
+    "I keep thinking about my pills, did I take them this morning?", "I can't stop staring at the window",
+])
+def test_look_alikes_of_short_post_statements_en(text: str) -> None:
+    assert safety_net_scan(text, "en").tier is None, safety_net_scan(text, "en").hits
