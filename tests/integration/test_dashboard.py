@@ -151,7 +151,7 @@ def test_evidence_in_a_long_conversation_is_highlighted_on_its_message(ehr: Any,
     sign_in(client, service, "psychiatrist", wards=("ward5",))
     html = client.get(f"/dashboard/patient/{ref}?lang=en").text
     marks = [text for _, text in re.findall(r'<mark class="ev ([^"]*)"[^>]*>([^<]+)</mark>', html)]
-    assert "pills" in marks, marks
+    assert any("pills" in m for m in marks), marks  # en 1.19.0 marks the whole "keep thinking about the pills"
 
 
 def test_override_is_stored_encrypted_audited_and_leaves_the_tier(chart_patient: str, service: Any,
