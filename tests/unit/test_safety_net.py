@@ -899,3 +899,13 @@ def test_explicit_statements_short_posts_en(text: str, at_least: RiskTier) -> No
 ])
 def test_look_alikes_of_short_post_statements_en(text: str) -> None:
     assert safety_net_scan(text, "en").tier is None, safety_net_scan(text, "en").hits
+
+
+@pytest.mark.parametrize("text,counted", [  # zh 1.18.0: internet euphemisms and their look-alikes
+    ("我想紫砂", True), ("想自鲨", True), ("昨天差点紫砂了", True), ("我想重开", True), ("想重开了，这辈子太失败", True),
+    ("好想一睡不醒", True), ("我真的坚持不下去了", True),
+    ("紫砂壶很好看", False), ("我买了一个紫砂锅", False), ("游戏重开一局", False), ("我想重开这个存档", False),
+    ("店铺打算下周重开", False), ("我想重开一家店", False), ("减肥坚持不下去了", False),
+])
+def test_internet_euphemisms_zh(text: str, counted: bool) -> None:
+    assert (safety_net_scan(text, "zh").tier is not None) is counted, safety_net_scan(text, "zh").hits
