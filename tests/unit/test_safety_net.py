@@ -909,3 +909,15 @@ def test_look_alikes_of_short_post_statements_en(text: str) -> None:
 ])
 def test_internet_euphemisms_zh(text: str, counted: bool) -> None:
     assert (safety_net_scan(text, "zh").tier is not None) is counted, safety_net_scan(text, "zh").hits
+
+
+@pytest.mark.parametrize("text,counted", [  # en 1.19.0, from supportive Reddit histories and chat look-alikes
+    ("My first attempt at baking bread failed", False), ("This is my second attempt to pass the driving test", False),
+    ("After my first attempt I was in hospital for a week", True), ("My last suicide attempt was in 2019", True),
+    ("One of my coworkers committed suicide last summer", False), ("an old acquaintance committed suicide recently", False),
+    ("This is my last try before I decide to end things", True), ("I want to end things with my girlfriend", False),
+    ("I wish I had the courage to go through with it", True),
+    ("Work up the courage to do it. Your friends will care", False),
+])
+def test_attempts_at_other_things_and_other_peoples_suicide_en(text: str, counted: bool) -> None:
+    assert (safety_net_scan(text, "en").tier is not None) is counted, safety_net_scan(text, "en").hits
