@@ -921,3 +921,11 @@ def test_internet_euphemisms_zh(text: str, counted: bool) -> None:
 ])
 def test_attempts_at_other_things_and_other_peoples_suicide_en(text: str, counted: bool) -> None:
     assert (safety_net_scan(text, "en").tier is not None) is counted, safety_net_scan(text, "en").hits
+
+
+@pytest.mark.parametrize("text,counted", [  # zh 1.18.0: an aborted attempt
+    ("我上次差点跳下去", True), ("昨晚差一点就割下去了", True), ("我差点自杀", True),
+    ("差点死掉了，车开太快", False), ("我差点跳起来", False), ("差点笑死", False),
+])
+def test_almost_attempts_zh(text: str, counted: bool) -> None:
+    assert (safety_net_scan(text, "zh").tier is not None) is counted, safety_net_scan(text, "zh").hits
