@@ -929,3 +929,16 @@ def test_attempts_at_other_things_and_other_peoples_suicide_en(text: str, counte
 ])
 def test_almost_attempts_zh(text: str, counted: bool) -> None:
     assert (safety_net_scan(text, "zh").tier is not None) is counted, safety_net_scan(text, "zh").hits
+
+
+@pytest.mark.parametrize("text,counted", [  # zh 1.18.0: seeking a way to die, and 死心 (to give up hope) is not one
+    ("我在找一个死的比较舒服的方法", True), ("想着遗书这么写到底要怎么死", True), ("恳请大家告诉我如何买到大剂量那种药片", True),
+    ("我知道怎么死心了", False), ("我在找一个减肥的方法", False), ("医生开了大剂量的维生素", False), ("他到底要怎么死啊，这剧情", False),
+])
+def test_seeking_a_way_to_die_zh(text: str, counted: bool) -> None:
+    assert (safety_net_scan(text, "zh").tier is not None) is counted, safety_net_scan(text, "zh").hits
+
+
+def test_let_me_give_up_hope_is_not_victimisation_zh() -> None:
+    assert not safety_net_scan("我在找一个让我死心的方法", "zh").victimisation
+    assert safety_net_scan("我妈逼我去死", "zh").victimisation
