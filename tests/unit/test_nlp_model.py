@@ -352,10 +352,11 @@ def test_classify_command_runs_the_model_the_service_is_configured_with(tiny_mod
     src.write_text('{"id": 1, "text": "我打算今晚跳楼"}\n', encoding="utf-8")
     dst = tmp_path / "out.jsonl"
     args = ["--input", str(src), "--output", str(dst)]
+    expected = read_manifest(tiny_model_dir)["bundle_sha256"]
     if how == "env":
-        env, expected = {"CDS_MODEL_DIR": str(tiny_model_dir)}, read_manifest(tiny_model_dir)["bundle_sha256"]
+        env = {"CDS_MODEL_DIR": str(tiny_model_dir)}
     else:
-        env, expected = {"CDS_MODEL_DIR": str(tmp_path / "nowhere")}, read_manifest(tiny_model_dir)["bundle_sha256"]
+        env = {"CDS_MODEL_DIR": str(tmp_path / "nowhere")}
         args += ["--model-dir", str(tiny_model_dir)]
     res = CliRunner().invoke(classify_command, args, env=env)
     assert res.exit_code == 0, res.output
