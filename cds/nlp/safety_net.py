@@ -53,6 +53,18 @@ class Pattern:
 
 
 @dataclass(frozen=True)
+class Obfuscation:
+    """How writers break up a risk word to get past a keyword filter (自 杀, 自.杀, k i l l, k1ll, d*e), as the
+    lexicon declares it (``obfuscation:``). ``split``: characters dropped from the second reading; ``leet``: a
+    digit or symbol read as the letter it stands for inside a word (character -> letter); ``masked``: words a
+    run of ``*`` may stand in for, letter for letter (d*e -> die)."""
+
+    split: re.Pattern[str] | None
+    leet: Mapping[str, str]
+    masked: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Lexicon:
     id: str
     version: str
@@ -70,6 +82,7 @@ class Lexicon:
     possessive_markers: re.Pattern[str] | None  # a second/third-person word right before one is a possessor (你们的评论)
     negation_window: int
     context_window: int
+    obfuscation: Obfuscation | None = None
 
     @property
     def ref(self) -> str:
@@ -319,7 +332,25 @@ def parse_lexicon(data: Mapping[str, Any], where: str = "lexicon") -> Lexicon:
         if subjects.get("possessive_markers") else None,
         negation_window=int(settings.get("negation_window", 20)),
         context_window=int(settings.get("context_window", 200)),
+        obfuscation=_parse_obfuscation(data.get("obfuscation"), where),
     )
+
+
+def _parse_obfuscation(data: Any, where: str) -> Obfuscation | None:
+    if not data:
+        return None
+    if not isinstance(data, Mapping) or not set(data) <= {"split", "leet", "masked"}:
+        raise RulesError(f"{where}: obfuscation takes split, leet and masked")
+    leet = data.get("leet") or {}
+    if not isinstance(leet, Mapping) or any(len(str(k)) != 1 or not re.fullmatch(r"[a-z]", str(v))
+                                            for k, v in leet.items()):
+        raise RulesError(f"{where}: obfuscation.leet maps one character to one letter (\"1\": i)")
+    masked = data.get("masked") or []
+    if not isinstance(masked, list) or any(not re.fullmatch(r"[a-z]+", str(w)) for w in masked):
+        raise RulesError(f"{where}: obfuscation.masked is a list of lower-case words")
+    split = _compile(data["split"], f"{where}: obfuscation.split", line_local=True) if data.get("split") else None
+    return Obfuscation(split=split, leet={str(k): str(v) for k, v in leet.items()},
+                       masked=tuple(str(w) for w in masked))
 
 
 def load_lexicon(path: Path) -> Lexicon:
@@ -506,7 +537,75 @@ def _apply_context(hits: list[Hit], lexs: Mapping[str, Lexicon]) -> list[Hit]:
     return out
 
 
+# A Latin word with a digit or one of the symbols leet and masks use next to a letter (k1ll, d*e, 3nd).
+_TOKEN = re.compile(r"[a-z0-9*!@$]*(?:[a-z][0-9*!@$]|[0-9*!@$][a-z])[a-z0-9*!@$]*")
+
+
+@dataclass(frozen=True)
+class _View:
+    """The second reading of a normalised text: ``text``, and for each of its characters where it comes from
+    (``origin``), whether it was read differently (``substituted``) and whether dropped characters sit just
+    before it (``joined``)."""
+
+    text: str
+    origin: list[int]
+    substituted: list[bool]
+    joined: list[bool]
+
+    def changes(self, start: int, end: int) -> bool:
+        """Whether the match [start, end) of the view reads a character differently or across a dropped run."""
+        return any(self.substituted[start:end]) or any(self.joined[start + 1:end])
+
+
+def _unobfuscated(ob: Obfuscation, norm: str) -> _View | None:
+    """``norm`` with the lexicon's split characters dropped, and leet characters and masks inside a word read
+    as letters; None when nothing is undone (the usual case: one regex search and one token scan)."""
+    chars = list(norm)
+    substituted = [False] * len(norm)
+    if ob.leet or ob.masked:
+        for m in _TOKEN.finditer(norm):
+            word = m.group()
+            new = list(word)
+            for i, c in enumerate(word[:-1]):  # never the last character: "die!" is an exclamation
+                if c in ob.leet and (i == 0 or word[i - 1].isalpha() or word[i - 1] in ob.leet) \
+                        and (word[i + 1].isalpha() or word[i + 1] in ob.leet):
+                    new[i] = ob.leet[c]
+            if "*" in word:
+                fits = [w for w in ob.masked if len(w) == len(word)
+                        and all(c in ("*", w[i]) or ob.leet.get(c) == w[i] for i, c in enumerate(word))]
+                if len(fits) == 1:
+                    new = list(fits[0])
+            for i, c in enumerate(new):
+                if c != word[i]:
+                    chars[m.start() + i] = c
+                    substituted[m.start() + i] = True
+    dropped = [False] * len(norm)
+    if ob.split is not None:
+        for m in ob.split.finditer(norm):
+            dropped[m.start():m.end()] = [True] * (m.end() - m.start())
+    if not any(substituted) and not any(dropped):
+        return None
+    keep = [i for i in range(len(norm)) if not dropped[i]]
+    return _View(text="".join(chars[i] for i in keep), origin=keep, substituted=[substituted[i] for i in keep],
+                 joined=[j > 0 and dropped[i - 1] for j, i in enumerate(keep)])
+
+
+def _scan_unobfuscated(lex: Lexicon, norm: str) -> list[Hit]:
+    """The hits only the second reading finds (each reads a changed character or across a dropped one), in
+    ``norm``'s offsets. Their discounts are judged in that reading: 我不想自 杀 is negated as 我不想自杀 is."""
+    view = _unobfuscated(lex.obfuscation, norm) if lex.obfuscation is not None else None
+    if view is None:
+        return []
+    return [Hit(view.origin[h.start], view.origin[h.end - 1] + 1, h.kind, h.pattern_id, h.status, h.lexicon,
+                h.tier, h.flag)
+            for h in _scan_text(lex, view.text) if h.end > h.start and view.changes(h.start, h.end)]
+
+
 def _scan_lexicon(lex: Lexicon, norm: str) -> list[Hit]:
+    return _scan_text(lex, norm) + _scan_unobfuscated(lex, norm)
+
+
+def _scan_text(lex: Lexicon, norm: str) -> list[Hit]:
     doc = _Doc(norm, lex)
     idiom_spans = [(m.start(), m.end()) for rx in lex.idioms for m in rx.finditer(norm)]
     hits: list[Hit] = []

@@ -137,3 +137,14 @@ def test_a_bad_anchor_tier_is_refused(pattern: dict, message: str) -> None:
 def test_time_words_ask_for_an_anchor_of_at_least_moderate(lang: str) -> None:
     timing = [p for p in lexicons()[lang].patterns if p.kind == "timing"]
     assert timing and all(p.context and p.anchor_tier is not None and p.anchor_tier >= 2 for p in timing)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"leet": {"12": "i"}}, "leet"), ({"leet": {"1": "I!"}}, "leet"), ({"masked": ["Kill"]}, "masked"),
+    ({"split": "(unclosed"}, "invalid regular expression"), ({"split": "[ \\n]"}, "one line"), ({"spilt": " "}, "takes"),
+])
+def test_bad_obfuscation_settings_are_refused(bad: dict, match: str) -> None:
+    doc = _doc("en")
+    doc["obfuscation"] = bad
+    with pytest.raises(RulesError, match=match):
+        parse_lexicon(doc)

@@ -942,3 +942,41 @@ def test_seeking_a_way_to_die_zh(text: str, counted: bool) -> None:
 def test_let_me_give_up_hope_is_not_victimisation_zh() -> None:
     assert not safety_net_scan("我在找一个让我死心的方法", "zh").victimisation
     assert safety_net_scan("我妈逼我去死", "zh").victimisation
+
+
+# zh 1.19.0 / en 1.20.0 (hand-written, not from any data set): a risk word broken up to get past a keyword
+# filter is read as the word; discounts are judged on the word as read.
+@pytest.mark.parametrize("text,lang,at_least", [
+    ("想自 杀", "zh", RiskTier.MODERATE), ("我想自.杀", "zh", RiskTier.MODERATE), ("好想-死", "zh", RiskTier.MODERATE),
+    ("我想自\u200b杀", "zh", RiskTier.MODERATE), ("我想 跳 楼", "zh", RiskTier.HIGH), ("我想zs", "zh", RiskTier.MODERATE),
+    ("好想zisha", "zh", RiskTier.MODERATE), ("我想去世", "zh", RiskTier.MODERATE),
+    ("i want to k1ll myself", "en", RiskTier.MODERATE), ("k i l l myself", "en", RiskTier.MODERATE),
+    ("i want to d*e", "en", RiskTier.MODERATE), ("thinking about su1c1de", "en", RiskTier.MODERATE),
+    ("i want to k!ll my\u200bself tonight", "en", RiskTier.HIGH), ("thinking about unaliving myself tonight", "en", RiskTier.HIGH),
+    ("honestly i just wanna kms", "en", RiskTier.MODERATE), ("i want to be dead", "en", RiskTier.LOW),
+    ("i wanna sleep forever", "en", RiskTier.LOW), ("i relapsed and cut again", "en", RiskTier.MODERATE),
+])
+def test_broken_up_risk_words_are_read(text: str, lang: str, at_least: RiskTier) -> None:
+    got = tier(text, lang)
+    assert got is not None and got >= at_least
+
+
+@pytest.mark.parametrize("text,lang", [
+    ("我不想自 杀", "zh"), ("我妈 想自 杀", "zh"), ("今天 累 死了", "zh"), ("手机 死 机了", "zh"), ("我想 去世界各地旅游", "zh"),
+    ("想原地去世哈哈", "zh"), ("我要 死记硬背", "zh"), ("笑 死 我了", "zh"), ("我想 死你了", "zh"), ("我想去世纪公园", "zh"),
+    ("我爷爷去世了", "zh"), ("我 想 吃 饭", "zh"),
+    ("i would never k1ll myself", "en"), ("my friend wants to k i l l herself", "en"), ("i don't want to be dead", "en"),
+    ("I'm d3ad tired lol", "en"), ("i'm k*lling it at work", "en"), ("what the h*ll", "en"), ("l33t h4x0r skills", "en"),
+    ("I am a k i n d person", "en"), ("ki11 the lights", "en"), ("i want to be deadly at chess", "en"), ("die!", "en"),
+])
+def test_broken_up_look_alikes_and_discounts(text: str, lang: str) -> None:
+    assert tier(text, lang) is None
+
+
+def test_broken_up_evidence_spans_the_original_characters() -> None:
+    text = "你好\n但是我真的想自 杀"
+    result = conversation_scan(text.split("\n"), "zh")
+    assert [text[e.start:e.end] for e in result.evidence] == ["想自 杀"]
+    text = "ok\ni want to k1ll my\u200bself"
+    result = conversation_scan(text.split("\n"), "en")
+    assert [text[e.start:e.end] for e in result.evidence] == ["k1ll my\u200bself"]
