@@ -980,3 +980,15 @@ def test_broken_up_evidence_spans_the_original_characters() -> None:
     text = "ok\ni want to k1ll my\u200bself"
     result = conversation_scan(text.split("\n"), "en")
     assert [text[e.start:e.end] for e in result.evidence] == ["k1ll my\u200bself"]
+
+
+# zh 1.20.0 / en 1.21.0 (hand-written): code-switching. An intent in one language before a risk word in the other
+# counts, and a negation or another person in one language discounts a phrase in the other.
+@pytest.mark.parametrize("text,counted", [
+    ("I want to 自杀", True), ("i'm going to 死", True), ("我想 die", True), ("我想 kill myself", True), ("我真的 want to die", True),
+    ("我今晚要 end it all", True), ("I'm going to 跳楼 tonight", True),
+    ("我不想 kill myself", False), ("I don't want to 自杀", False), ("my friend 想自杀", False), ("他 wants to die", False),
+    ("我妈 wants to die", False), ("我要买 suicide squad 的票", False), ("我想 die hard 那部电影", False),
+])
+def test_mixed_chinese_and_english(text: str, counted: bool) -> None:
+    assert (tier(text) is not None) == counted
