@@ -992,3 +992,13 @@ def test_broken_up_evidence_spans_the_original_characters() -> None:
 ])
 def test_mixed_chinese_and_english(text: str, counted: bool) -> None:
     assert (tier(text) is not None) == counted
+
+
+@pytest.mark.parametrize("text,expected", [  # zh 1.21.0: meaning to write a suicide note is a plan, a note written is a
+    # preparatory act (SOS-4K grades "planning" 6-8 and "likely within days or in progress" 9-10)
+    ("我准备写遗书了", RiskTier.HIGH), ("我想开始写遗书了", RiskTier.HIGH), ("我该怎么写遗书呢", RiskTier.HIGH),
+    ("我的遗书已经写好了", RiskTier.IMMINENT), ("我写好了遗书", RiskTier.IMMINENT), ("我正在写遗书", RiskTier.IMMINENT),
+    ("昨晚写了遗书", RiskTier.IMMINENT), ("我从来没想过写遗书", None), ("她打算写遗书", None),
+])
+def test_meaning_to_write_a_note_and_a_note_written_zh(text: str, expected: RiskTier | None) -> None:
+    assert tier(text, "zh") == expected
