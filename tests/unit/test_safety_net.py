@@ -204,7 +204,8 @@ def test_cantonese_negation_third_person_and_everyday_words(text: str) -> None:
 
 @pytest.mark.parametrize("text,expected", [  # lexicon zh 1.5.0: words that hold a negation character but negate nothing
     ("我忍不住想死", RiskTier.MODERATE), ("我控制不住想自杀", RiskTier.MODERATE), ("受不了了想死", RiskTier.MODERATE),
-    ("我今天特别想死", RiskTier.HIGH), ("每天没事就想去死", RiskTier.MODERATE), ("这样还不如去死", RiskTier.MODERATE),
+    ("我今天特别想死", RiskTier.MODERATE),  # zh 1.22.0: 今天 says when the wish is felt, not when the act is (was HIGH)
+    ("每天没事就想去死", RiskTier.MODERATE), ("这样还不如去死", RiskTier.MODERATE),
     ("已经有过无数次自杀的念头了", RiskTier.MODERATE), ("活着不开心想死", RiskTier.MODERATE),
     ("我怎么还不死啊 好想死", RiskTier.MODERATE),  # a space ends the scope of 不 as a comma does
     ("有没有烧炭的呀", RiskTier.HIGH),  # 有没有 asks; it does not negate
@@ -1001,4 +1002,14 @@ def test_mixed_chinese_and_english(text: str, counted: bool) -> None:
     ("昨晚写了遗书", RiskTier.IMMINENT), ("我从来没想过写遗书", None), ("她打算写遗书", None),
 ])
 def test_meaning_to_write_a_note_and_a_note_written_zh(text: str, expected: RiskTier | None) -> None:
+    assert tier(text, "zh") == expected
+
+
+@pytest.mark.parametrize("text,expected", [  # zh 1.22.0: 今天 / 马上 time an act, not a feeling
+    ("我今天就去死", RiskTier.HIGH), ("今天之内我必须去死", RiskTier.HIGH), ("我明天就去死", RiskTier.HIGH),
+    ("我今天要自杀", RiskTier.HIGH), ("我想死，马上就动手", RiskTier.HIGH), ("我今天晚上想自杀", RiskTier.HIGH),
+    ("今天也是想死的一天", RiskTier.MODERATE), ("今天好想死", RiskTier.MODERATE), ("今天有想死的冲动", RiskTier.MODERATE),
+    ("好想死，马上三十了一事无成", RiskTier.MODERATE),
+])
+def test_today_times_an_act_not_a_feeling_zh(text: str, expected: RiskTier) -> None:
     assert tier(text, "zh") == expected
