@@ -1013,3 +1013,15 @@ def test_meaning_to_write_a_note_and_a_note_written_zh(text: str, expected: Risk
 ])
 def test_today_times_an_act_not_a_feeling_zh(text: str, expected: RiskTier) -> None:
     assert tier(text, "zh") == expected
+
+
+@pytest.mark.parametrize("text", [
+    "我想自 杀", "今天 累 死了", "我 想 吃 饭", "我不想 自.杀 了 真的", "考试没考好 笑死我了 他又打我了", "i want to k1ll myself",
+    "k i l l myself tonight", "what the h*ll", "l33t h4x0r 5pm " * 20, "想 死" + " 今天天气不错" * 30 + " 自 杀",
+])
+def test_the_cheap_check_before_a_second_reading_loses_no_match(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cds.nlp import safety_net as sn
+    with_check = sn._scan_lexicon(sn.lexicons()["zh"], text) + sn._scan_lexicon(sn.lexicons()["en"], text)
+    monkeypatch.setattr(sn, "_may_match_a_change", lambda lex, view: True)
+    without = sn._scan_lexicon(sn.lexicons()["zh"], text) + sn._scan_lexicon(sn.lexicons()["en"], text)
+    assert with_check == without
