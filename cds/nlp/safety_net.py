@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -602,17 +602,24 @@ CHANGE_REACH = 80
 
 
 def _may_match_a_change(lex: Lexicon, view: _View) -> bool:
-    """Whether a match could read a changed character: one search of all patterns at once from CHANGE_REACH
-    before each change finds a match starting at or before it. Most split characters are spaces between
-    clauses with no risk word near them, and then the second reading is not scanned at all."""
+    """Whether a match could read a changed character: a search of all patterns at once, from CHANGE_REACH before
+    a change, finds a match starting at or before it. Most split characters are spaces between clauses with no
+    risk word near them, and then the second reading is not scanned at all. Each search stops 3 * CHANGE_REACH
+    past its change and the next one starts where it left off, so a long text with many changes is read about
+    three times, not once per change. It may answer True where no match reads a change (the scan then finds
+    nothing to add), never False where one does."""
     rx = lex.any_pattern
     if rx is None:
         return True
-    changes = [j for j in range(len(view.text)) if view.substituted[j] or view.joined[j]]
-    for j in changes:
-        m = rx.search(view.text, max(0, j - CHANGE_REACH))
+    text = view.text
+    clear_to = -1  # no match starts at or before this position
+    for j in range(len(text)):
+        if not (view.substituted[j] or view.joined[j]) or j <= clear_to:
+            continue
+        m = rx.search(text, max(0, j - CHANGE_REACH, clear_to + 1), j + 3 * CHANGE_REACH)
         if m is not None and m.start() <= j:
             return True
+        clear_to = m.start() - 1 if m is not None else j + CHANGE_REACH
     return False
 
 
@@ -624,27 +631,29 @@ def _scan_unobfuscated(lex: Lexicon, norm: str) -> list[Hit]:
         return []
     return [Hit(view.origin[h.start], view.origin[h.end - 1] + 1, h.kind, h.pattern_id, h.status, h.lexicon,
                 h.tier, h.flag)
-            for h in _scan_text(lex, view.text) if h.end > h.start and view.changes(h.start, h.end)]
+            for h in _scan_text(lex, view.text, view.changes)]
 
 
 def _scan_lexicon(lex: Lexicon, norm: str) -> list[Hit]:
     return _scan_text(lex, norm) + _scan_unobfuscated(lex, norm)
 
 
-def _scan_text(lex: Lexicon, norm: str) -> list[Hit]:
+def _scan_text(lex: Lexicon, norm: str, keep: Callable[[int, int], bool] | None = None) -> list[Hit]:
+    """Every pattern and idiom match in ``norm`` with its status; with ``keep``, only the matches it accepts
+    (judged before their discounts are, which cost most of a scan)."""
     doc = _Doc(norm, lex)
     idiom_spans = [(m.start(), m.end()) for rx in lex.idioms for m in rx.finditer(norm)]
     hits: list[Hit] = []
     for pat in lex.patterns:
         for m in pat.regex.finditer(norm):
-            if m.end() <= m.start():
+            if m.end() <= m.start() or (keep is not None and not keep(m.start(), m.end())):
                 continue
             hits.append(Hit(start=m.start(), end=m.end(), kind=pat.kind, pattern_id=pat.id,
                             status=_status(lex, doc, pat, m.start(), m.end(), idiom_spans),
                             lexicon=lex.ref, tier=pat.tier, flag=pat.flag))
     # Idioms are recorded too (never counted), so callers can tell "explained away" from "nothing found".
     hits += [Hit(start=s0, end=e0, kind="idiom", pattern_id="idiom", status="idiom", lexicon=lex.ref)
-             for s0, e0 in sorted(set(idiom_spans))]
+             for s0, e0 in sorted(set(idiom_spans)) if keep is None or keep(s0, e0)]
     return hits
 
 
